@@ -1,0 +1,118 @@
+# migration-runner container image.
+#
+# Build (from the repository root):
+#   docker build -t migration-runner .
+#   buildah bud -t migration-runner .
+#
+# Behind a TLS-intercepting proxy, hand the proxy's CA bundle to the builder
+# stage only (it is never copied into the final image):
+#   buildah bud -v /etc/ssl/certs/ca-certificates.crt:/run/host-ca.crt:ro \
+#       --build-arg SSL_CERT_FILE=/run/host-ca.crt -t migration-runner .
+# See docs/container.md.
+
+ARG BASE_IMAGE=debian:trixie-slim
+
+# ---------------------------------------------------------------------------
+# builder: Debian's python3 + uv; installs the locked dependencies and the
+# project (not editable) into /opt/venv with precompiled bytecode.
+# ---------------------------------------------------------------------------
+FROM ${BASE_IMAGE} AS builder
+
+# Optional CA bundle for corporate / TLS-intercepting proxies (builder only).
+# SSL_CERT_FILE is read by uv; PIP_CERT and REQUESTS_CA_BUNDLE by pip.
+# UV_NATIVE_TLS=true makes uv use the system trust store instead.
+ARG SSL_CERT_FILE
+ARG PIP_CERT
+ARG REQUESTS_CA_BUNDLE
+ARG UV_NATIVE_TLS
+# uv is installed from the package index with pip (pinned).
+ARG UV_VERSION=0.13.9
+
+RUN DEBIAN_FRONTEND=noninteractive apt-get update \
+ && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
+        python3 python3-venv \
+ && rm -rf /var/lib/apt/lists/*
+
+# uv must use the very interpreter the final stage has (Debian's
+# /usr/bin/python3): never download a managed Python.
+ENV UV_PYTHON=/usr/bin/python3 \
+    UV_PYTHON_DOWNLOADS=never \
+    UV_COMPILE_BYTECODE=1 \
+    UV_LINK_MODE=copy \
+    UV_NO_CACHE=1 \
+    UV_PROJECT_ENVIRONMENT=/opt/venv
+
+RUN set -eu; \
+    if [ -n "${SSL_CERT_FILE:-}" ]; then \
+        export PIP_CERT="${PIP_CERT:-$SSL_CERT_FILE}" \
+               REQUESTS_CA_BUNDLE="${REQUESTS_CA_BUNDLE:-$SSL_CERT_FILE}"; \
+    else \
+        unset SSL_CERT_FILE; \
+    fi; \
+    [ -n "${PIP_CERT:-}" ] || unset PIP_CERT; \
+    [ -n "${REQUESTS_CA_BUNDLE:-}" ] || unset REQUESTS_CA_BUNDLE; \
+    python3 -m venv /opt/uv; \
+    /opt/uv/bin/pip install --no-cache-dir --disable-pip-version-check "uv==${UV_VERSION}"; \
+    ln -s /opt/uv/bin/uv /usr/local/bin/uv
+
+WORKDIR /src
+
+# Dependencies first (cached while only the project's code changes).
+COPY pyproject.toml uv.lock ./
+RUN set -eu; \
+    [ -n "${SSL_CERT_FILE:-}" ] || unset SSL_CERT_FILE; \
+    [ -n "${UV_NATIVE_TLS:-}" ] || unset UV_NATIVE_TLS; \
+    uv sync --locked --no-dev --no-install-project --no-editable
+
+# Then the project itself, installed as a regular (non-editable) package.
+COPY README.md ./
+COPY runner/ ./runner/
+RUN set -eu; \
+    [ -n "${SSL_CERT_FILE:-}" ] || unset SSL_CERT_FILE; \
+    [ -n "${UV_NATIVE_TLS:-}" ] || unset UV_NATIVE_TLS; \
+    uv sync --locked --no-dev --no-editable; \
+    test -x /opt/venv/bin/migration-runner
+
+# ---------------------------------------------------------------------------
+# final: debian:trixie-slim + Debian's python3 + the virtual environment.
+# No compilers, no pip, no uv, no package lists or caches.
+# ---------------------------------------------------------------------------
+FROM ${BASE_IMAGE}
+
+ARG VERSION=0.1.0
+ARG REVISION=unknown
+ARG UID=10001
+ARG GID=10001
+
+LABEL org.opencontainers.image.title="migration-runner" \
+      org.opencontainers.image.description="Container entrypoint that brings a PostgreSQL database to the current Alembic heads, safely, before an application starts." \
+      org.opencontainers.image.version="${VERSION}" \
+      org.opencontainers.image.revision="${REVISION}" \
+      org.opencontainers.image.licenses="MIT" \
+      org.opencontainers.image.base.name="debian:trixie-slim"
+
+RUN DEBIAN_FRONTEND=noninteractive apt-get update \
+ && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends python3 \
+ && apt-get clean \
+ && rm -rf /var/lib/apt/lists/* /var/cache/apt/* /var/log/apt/* /var/log/dpkg.log \
+ && groupadd --gid "${GID}" migrate \
+ && useradd --uid "${UID}" --gid "${GID}" --no-create-home --home-dir /nonexistent \
+        --shell /usr/sbin/nologin migrate
+
+COPY --from=builder /opt/venv /opt/venv
+
+ENV PATH=/opt/venv/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
+    VIRTUAL_ENV=/opt/venv \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    ALEMBIC_CONFIG=/app/alembic.ini
+
+# A project's alembic.ini and migrations go here (see examples/derived-image).
+WORKDIR /app
+
+# Numeric, so that Kubernetes' runAsNonRoot can verify it.
+USER ${UID}:${GID}
+
+STOPSIGNAL SIGTERM
+# Exec form: the runner is PID 1 and receives SIGTERM itself.
+ENTRYPOINT ["migration-runner"]

@@ -1,0 +1,160 @@
+"""The advisory lock that lets one runner migrate a database at a time.
+
+The lock is session-level, on a dedicated autocommit connection, and taken by
+polling ``pg_try_advisory_lock``: a waiter blocked inside ``pg_advisory_lock``
+would wait on a virtual transaction that ``CREATE INDEX CONCURRENTLY`` in the
+holder waits for in turn, and the two deadlock. The lock goes with its session,
+so a killed runner's lock is released by the server when the session ends.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Iterator
+
+import tenacity
+from sqlalchemy import text
+from sqlalchemy.engine import URL, Connection
+
+from . import database
+from .errors import ConfigError, LockTimeout
+
+logger = logging.getLogger("runner.lock")
+
+# A session must not be dropped by a role's or server's idle timeouts while it
+# holds the lock. set_config through pg_settings skips names an older server lacks.
+_KEEP_SESSION = text(
+    "SELECT set_config(name, '0', false) FROM pg_settings WHERE name IN "
+    "('idle_session_timeout', 'idle_in_transaction_session_timeout', 'statement_timeout', 'lock_timeout')"
+)
+
+_HOLDERS = text("""
+    SELECT l.pid, a.application_name, host(a.client_addr) AS client_addr,
+           a.backend_start, a.state, a.query
+      FROM pg_locks l LEFT JOIN pg_stat_activity a ON a.pid = l.pid
+     WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1
+       AND l.classid::bigint = :classid AND l.objid::bigint = :objid
+       AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+""")
+
+
+def derive_key(database_name: str, schema: str, table: str) -> int:
+    """First 8 bytes of sha256("migration-runner:<database>:<schema>.<table>"), signed big-endian."""
+    digest = hashlib.sha256(f"migration-runner:{database_name}:{schema}.{table}".encode()).digest()
+    return int.from_bytes(digest[:8], "big", signed=True)
+
+
+def _lock_ids(key: int) -> dict:
+    # pg_locks shows a bigint key as two oids: high 32 bits in classid, low in objid.
+    unsigned = key & 0xFFFF_FFFF_FFFF_FFFF
+    return {"classid": unsigned >> 32, "objid": unsigned & 0xFFFF_FFFF}
+
+
+@dataclass
+class Lock:
+    key: int
+    connection: Connection
+    pid: int
+    waited: float
+
+    def held(self) -> bool:
+        """Whether the server still shows this session holding the lock."""
+        rows = self.connection.execute(_HOLDERS, _lock_ids(self.key)).all()
+        return any(row.pid == self.pid for row in rows)
+
+
+def holders(connection: Connection, key: int) -> list[dict]:
+    """Who holds the lock: pid, application_name, client address, since when."""
+    return [dict(row._mapping) for row in connection.execute(_HOLDERS, _lock_ids(key))]
+
+
+def describe_holders(rows: list[dict]) -> str:
+    if not rows:
+        return "no session holds it now"
+    return "; ".join(
+        f"pid {r['pid']} ({r['application_name'] or '?'} from {r['client_addr'] or 'local socket'}, "
+        f"connected since {r['backend_start']:%Y-%m-%d %H:%M:%S%z}, {r['state']})" if r["backend_start"]
+        else f"pid {r['pid']}"
+        for r in rows
+    )
+
+
+def resolve_key(connection: Connection, key: int | None, schema: str | None, table: str) -> int:
+    if key is not None:
+        return key
+    database_name, current_schema = connection.execute(text("SELECT current_database(), current_schema()")).one()
+    return derive_key(database_name, schema or current_schema, table)
+
+
+@contextmanager
+def advisory_lock(url: URL, key: int | None, timeout: float, *, schema: str | None = None,
+                  table: str = "alembic_version", sleep=time.sleep) -> Iterator[Lock]:
+    """Hold the advisory lock for the body of the `with`; released on every exit path."""
+    engine = database.engine(url)
+    connection = engine.connect().execution_options(isolation_level="AUTOCOMMIT")
+    try:
+        connection.execute(_KEEP_SESSION).all()
+        key = resolve_key(connection, key, schema, table)
+        pid = connection.execute(text("SELECT pg_backend_pid()")).scalar_one()
+        started = time.monotonic()
+        last_report = [None, 0.0]
+
+        def try_lock() -> bool:
+            return connection.execute(text("SELECT pg_try_advisory_lock(:key)"), {"key": key}).scalar_one()
+
+        def report(state: tenacity.RetryCallState) -> None:
+            rows = holders(connection, key)
+            who = describe_holders(rows)
+            waited = time.monotonic() - started
+            # Say who holds it when that changes, and every 15 s otherwise.
+            if who != last_report[0] or waited - last_report[1] >= 15:
+                last_report[:] = [who, waited]
+                logger.info("waiting for lock %d, held by %s; waited %.0fs of %gs",
+                            key, who, waited, timeout, extra={"lock_key": key, "holders": rows})
+
+        retrying = tenacity.Retrying(
+            stop=tenacity.stop_after_delay(timeout),
+            wait=tenacity.wait_random_exponential(multiplier=0.1, max=2),
+            retry=tenacity.retry_if_result(lambda acquired: not acquired),
+            before_sleep=report,
+            sleep=sleep,
+        )
+        try:
+            retrying(try_lock)
+        except tenacity.RetryError:
+            who = describe_holders(holders(connection, key))
+            raise LockTimeout(
+                f"lock {key} not acquired within {timeout:g}s (MIGRATE_LOCK_TIMEOUT); held by {who}; "
+                f"to end that session: SELECT pg_terminate_backend(<pid>);") from None
+        lock = Lock(key=key, connection=connection, pid=pid, waited=time.monotonic() - started)
+        _refuse_transaction_pooling(lock)
+        logger.info("lock %d acquired after %.1fs", key, lock.waited, extra={"lock_key": key, "lock_wait": round(lock.waited, 3)})
+        yield lock
+    finally:
+        _release(connection, key if isinstance(key, int) else None)
+        engine.dispose()
+
+
+def _refuse_transaction_pooling(lock: Lock) -> None:
+    # Behind a transaction-mode pooler each statement may run on another
+    # backend, and a session lock protects nothing: check it is really ours.
+    same_backend = lock.connection.execute(text("SELECT pg_backend_pid()")).scalar_one() == lock.pid
+    if not (same_backend and lock.held()):
+        raise ConfigError(
+            "the advisory lock is not held by this session: the connection goes through a "
+            "transaction-pooling proxy (e.g. PgBouncer pool_mode=transaction); point DATABASE_URL "
+            "at PostgreSQL directly or at a session-pooled port")
+
+
+def _release(connection: Connection, key: int | None) -> None:
+    try:
+        if key is not None and not connection.invalidated and not connection.closed:
+            connection.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": key})
+    except Exception as e:  # closing the session below releases it anyway
+        logger.debug("unlock failed (%s); closing the session releases the lock", e)
+    finally:
+        connection.close()

@@ -1,0 +1,137 @@
+"""Every setting, read from the environment; the only place a variable is named."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import ArgumentError
+
+from .errors import ConfigError
+
+INT64 = 2**63
+DRIVERS = {"postgres", "postgresql", "postgresql+psycopg"}
+
+
+class Settings(BaseSettings):
+    """The runner's configuration. Each field's alias is its environment variable."""
+
+    model_config = SettingsConfigDict(env_ignore_empty=True, extra="ignore", frozen=True)
+
+    database_url: SecretStr | None = Field(
+        None, alias="DATABASE_URL",
+        description="PostgreSQL URL (postgresql://user:pass@host:5432/db); percent-encode special characters.")
+    database_url_file: Path | None = Field(
+        None, alias="DATABASE_URL_FILE",
+        description="File holding the URL (a mounted Secret); exactly one of this and DATABASE_URL.")
+    alembic_config: Path = Field(
+        Path("alembic.ini"), alias="ALEMBIC_CONFIG", description="Path of alembic.ini.")
+    wait_timeout: float = Field(
+        60, ge=0, alias="MIGRATE_WAIT_TIMEOUT",
+        description="Seconds to wait for the database to accept connections.")
+    lock_timeout: float = Field(
+        300, ge=0, alias="MIGRATE_LOCK_TIMEOUT",
+        description="Seconds to wait for the advisory lock held by another runner.")
+    lock_key: int | None = Field(
+        None, ge=-INT64, lt=INT64, alias="MIGRATE_LOCK_KEY",
+        description="Advisory lock key (signed 64-bit); default derived from database and version table.")
+    baseline_revision: str | None = Field(
+        None, alias="MIGRATE_BASELINE_REVISION",
+        description="Revision to stamp on a database that has tables but no version table.")
+    allow_multiple_heads: bool = Field(
+        False, alias="MIGRATE_ALLOW_MULTIPLE_HEADS",
+        description="Upgrade every head instead of refusing scripts with several heads.")
+    version_table: str = Field(
+        "alembic_version", min_length=1, alias="MIGRATE_VERSION_TABLE",
+        description="Alembic version table; must match env.py's version_table.")
+    version_table_schema: str | None = Field(
+        None, alias="MIGRATE_VERSION_TABLE_SCHEMA",
+        description="Schema of the version table and of the tables a legacy check counts; default current_schema().")
+    application_name: str = Field(
+        "migration-runner", min_length=1, max_length=63, alias="MIGRATE_APPLICATION_NAME",
+        description="application_name of every connection, shown in pg_stat_activity.")
+    connection_check_interval: float = Field(
+        2, ge=0, alias="MIGRATE_CONNECTION_CHECK_INTERVAL",
+        description="Seconds between the server's checks that the runner is still connected (PostgreSQL 14+; 0 turns off).")
+    statement_timeout: float | None = Field(
+        None, gt=0, alias="MIGRATE_STATEMENT_TIMEOUT",
+        description="statement_timeout in seconds for migration sessions (not the lock wait).")
+    ddl_lock_timeout: float | None = Field(
+        None, gt=0, alias="MIGRATE_DDL_LOCK_TIMEOUT",
+        description="lock_timeout in seconds for migration sessions, so DDL does not queue behind live traffic.")
+    log_format: Literal["text", "json"] | None = Field(
+        None, alias="MIGRATE_LOG_FORMAT",
+        description="text or json; default text on a terminal, json otherwise.")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        "INFO", alias="MIGRATE_LOG_LEVEL", description="DEBUG, INFO, WARNING or ERROR.")
+
+    @field_validator("log_level", "log_format", mode="before")
+    @classmethod
+    def _case_insensitive(cls, value, info):
+        if isinstance(value, str):
+            return value.upper() if info.field_name == "log_level" else value.lower()
+        return value
+
+    @model_validator(mode="after")
+    def _one_url_source(self):
+        if self.database_url is not None and self.database_url_file is not None:
+            raise ValueError("DATABASE_URL and DATABASE_URL_FILE are both set; set exactly one")
+        if self.database_url is None and self.database_url_file is None:
+            raise ValueError("set DATABASE_URL or DATABASE_URL_FILE")
+        return self
+
+    def url(self) -> URL:
+        """The database URL, from the variable or the file, with the psycopg 3 driver."""
+        if self.database_url is not None:
+            name, raw = "DATABASE_URL", self.database_url.get_secret_value()
+        else:
+            name, path = "DATABASE_URL_FILE", self.database_url_file
+            try:
+                raw = path.read_text()
+            except OSError as e:
+                raise ConfigError(f"DATABASE_URL_FILE: cannot read {path}: {e.strerror}") from None
+        return parse_url(raw.strip(), name)
+
+    @classmethod
+    def from_env(cls) -> "Settings":
+        """Read the environment, translating validation errors to one ConfigError line."""
+        try:
+            return cls()
+        except ValidationError as e:
+            raise ConfigError("; ".join(_describe(err) for err in e.errors())) from None
+
+
+def parse_url(raw: str, name: str = "DATABASE_URL") -> URL:
+    """Parse a libpq-style URL without ever echoing it (it may hold a password)."""
+    if not raw:
+        raise ConfigError(f"{name}: the URL is empty")
+    try:
+        url = make_url(raw)
+    except (ArgumentError, ValueError):
+        raise ConfigError(f"{name}: not a PostgreSQL URL (postgresql://USER@HOST:PORT/DATABASE, password percent-encoded)") from None
+    if url.drivername not in DRIVERS:
+        raise ConfigError(f"{name}: unsupported scheme {url.drivername!r}; use postgresql:// (psycopg 3)")
+    if not url.database:
+        raise ConfigError(f"{name}: the URL names no database")
+    return url.set(drivername="postgresql+psycopg")
+
+
+def _describe(err: dict) -> str:
+    variable = ".".join(str(part) for part in err["loc"])
+    message = err["msg"].removeprefix("Value error, ")
+    if not variable:
+        return message
+    shown = "" if variable.startswith("DATABASE_URL") else f" (got {str(err.get('input'))[:40]!r})"
+    return f"{variable}: {message}{shown}"
+
+
+def variables() -> list[tuple[str, str, str]]:
+    """(variable, default, meaning) for every setting: the docs and --help read this."""
+    rows = []
+    for field in Settings.model_fields.values():
+        default = "" if field.default is None else str(field.default)
+        rows.append((field.alias, default, field.description or ""))
+    return rows

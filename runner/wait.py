@@ -1,0 +1,86 @@
+"""Wait for the database to accept a login, retrying only what time can cure."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import tenacity
+from sqlalchemy.engine import URL
+from sqlalchemy.exc import DBAPIError
+
+from . import database
+from .errors import DatabaseUnreachable
+
+logger = logging.getLogger("runner.wait")
+
+# Refusals that no amount of waiting changes, by the words libpq uses.
+FATAL = {
+    "password authentication failed": "authentication failed",
+    "authentication failed": "authentication failed",
+    "no pg_hba.conf entry": "no pg_hba.conf entry allows this login",
+    "does not exist": "does not exist",
+    "certificate verify failed": "TLS verification failed (check sslmode and sslrootcert)",
+    "server certificate for": "TLS verification failed: the server's certificate does not match the host name (sslmode=verify-full)",
+    "root certificate file": "TLS verification failed: the CA file cannot be read (sslrootcert)",
+    "sslmode value": "invalid sslmode",
+    "invalid connection option": "invalid connection option in DATABASE_URL",
+    "invalid sslmode": "invalid sslmode",
+    "server does not support SSL": "the server does not support SSL but sslmode requires it",
+}
+
+
+def fatal_reason(error: BaseException) -> str | None:
+    """Why this connection error cannot be cured by waiting, or None if it can."""
+    text = str(error)
+    for words, reason in FATAL.items():
+        if words in text:
+            return reason
+    return None
+
+
+def first_line(error: BaseException) -> str:
+    """The informative line of a libpq error (the last non-empty one)."""
+    lines = [line.strip() for line in str(getattr(error, "orig", error) or error).splitlines() if line.strip()]
+    text = next((line for line in reversed(lines) if line.startswith(("FATAL", "ERROR"))), None)
+    text = text or " ".join(lines)
+    return text.removeprefix("connection failed: ")
+
+
+def wait_for_database(url: URL, timeout: float, sleep=time.sleep) -> int:
+    """Connect until a login succeeds or `timeout` seconds pass; returns server_version_num."""
+    where = database.endpoint(url)
+    engine = database.engine(url)
+
+    def attempt() -> int:
+        with engine.connect() as connection:
+            return database.server_version(connection)
+
+    def log_retry(state: tenacity.RetryCallState) -> None:
+        logger.info(
+            "database %s not ready (%s); retry %d in %.1fs",
+            where, first_line(state.outcome.exception()), state.attempt_number, state.next_action.sleep,
+            extra={"attempt": state.attempt_number},
+        )
+
+    retrying = tenacity.Retrying(
+        stop=tenacity.stop_after_delay(timeout),
+        wait=tenacity.wait_random_exponential(multiplier=0.2, max=2),
+        retry=tenacity.retry_if_exception(lambda e: isinstance(e, DBAPIError) and fatal_reason(e) is None),
+        before_sleep=log_retry,
+        sleep=sleep,
+        reraise=True,
+    )
+    try:
+        version = retrying(attempt)
+    except DBAPIError as e:
+        reason = fatal_reason(e)
+        if reason:
+            raise DatabaseUnreachable(f"database {where} refused the connection: {reason}: {first_line(e)}") from None
+        raise DatabaseUnreachable(
+            f"database {where} not reachable after {timeout:g}s (MIGRATE_WAIT_TIMEOUT): {first_line(e)}") from None
+    finally:
+        engine.dispose()
+    logger.info("database %s is up (PostgreSQL %d.%d)", where, version // 10000, version % 10000,
+                extra={"server_version": version})
+    return version

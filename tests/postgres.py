@@ -1,0 +1,138 @@
+"""A real PostgreSQL 16 server from the pgserver wheel, on 127.0.0.1, with password logins.
+
+pgserver itself only offers a socket-only server; the tests need TCP (for the
+fault proxy and TLS), password authentication (for wrong-password cases) and
+restarts, so this drives the wheel's initdb/pg_ctl directly. As root the server
+runs as the `pgserver` system user, which pgserver's own helpers create.
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import shutil
+import socket
+import subprocess
+import tempfile
+from pathlib import Path
+
+import psycopg
+import psycopg.sql
+from pgserver._commands import POSTGRES_BIN_PATH
+
+SUPERUSER = "postgres"
+SUPERUSER_PASSWORD = "super-secret-pw"
+SYSTEM_USER = "pgserver"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _as_root() -> bool:
+    return os.geteuid() == 0
+
+
+def _prepare_root() -> None:
+    from pgserver.utils import ensure_folder_permissions, ensure_prefix_permissions, ensure_user_exists
+    import stat
+
+    ensure_user_exists(SYSTEM_USER)
+    ensure_prefix_permissions(POSTGRES_BIN_PATH)
+    read, execute = stat.S_IRGRP | stat.S_IROTH, stat.S_IXGRP | stat.S_IXOTH
+    ensure_folder_permissions(POSTGRES_BIN_PATH, read | execute)
+    ensure_folder_permissions(POSTGRES_BIN_PATH.parent / "lib", read)
+    ensure_folder_permissions(POSTGRES_BIN_PATH.parent / "share", read | execute)
+
+
+class Postgres:
+    """One server: start, stop (fast or immediate), restart, and URLs to reach it."""
+
+    def __init__(self, base: Path | None = None, port: int | None = None, settings: dict | None = None) -> None:
+        self.base = Path(base or tempfile.mkdtemp(prefix="mr-pg-"))
+        self.data = self.base / "data"
+        self.socket_dir = self.base / "socket"
+        self.log = self.base / "server.log"
+        self.port = port or free_port()
+        self.host = "127.0.0.1"
+        self.settings = {"max_connections": "300", "fsync": "off", "synchronous_commit": "off",
+                         "full_page_writes": "off", **(settings or {})}
+
+    # -- lifecycle ---------------------------------------------------------
+    def _run(self, *args: str, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess:
+        kwargs = {"user": SYSTEM_USER} if _as_root() else {}
+        return subprocess.run([str(POSTGRES_BIN_PATH / args[0]), *args[1:]], check=check, capture_output=True,
+                              text=True, timeout=timeout, **kwargs)
+
+    def init(self) -> "Postgres":
+        if _as_root():
+            _prepare_root()
+        self.base.mkdir(parents=True, exist_ok=True)
+        self.base.chmod(0o755)
+        self.socket_dir.mkdir(exist_ok=True)
+        pwfile = self.base / "pwfile"
+        pwfile.write_text(SUPERUSER_PASSWORD + "\n")
+        if _as_root():
+            owner = pwd.getpwnam(SYSTEM_USER)
+            for path in (self.base, self.socket_dir, pwfile):
+                os.chown(path, owner.pw_uid, owner.pw_gid)
+        self._run("initdb", "-D", str(self.data), "-U", SUPERUSER, f"--pwfile={pwfile}", "--auth-local=trust",
+                  "--auth-host=scram-sha-256", "--encoding=UTF8", "--no-sync")
+        pwfile.unlink()
+        with open(self.data / "postgresql.conf", "a") as conf:
+            for name, value in self.settings.items():
+                conf.write(f"{name} = '{value}'\n")
+        return self
+
+    def start(self) -> "Postgres":
+        if not (self.data / "PG_VERSION").exists():
+            self.init()
+        options = f"-h {self.host} -p {self.port} -k {self.socket_dir}"
+        if _as_root():
+            self.log.touch(exist_ok=True)
+            os.chown(self.log, *_ids())
+        self._run("pg_ctl", "-D", str(self.data), "-o", options, "-l", str(self.log), "-w", "-t", "60", "start")
+        return self
+
+    def stop(self, mode: str = "fast") -> None:
+        self._run("pg_ctl", "-D", str(self.data), "-m", mode, "-w", "-t", "60", "stop", check=False)
+
+    def restart(self, mode: str = "fast") -> None:
+        self.stop(mode)
+        self.start()
+
+    def destroy(self) -> None:
+        self.stop("immediate")
+        shutil.rmtree(self.base, ignore_errors=True)
+
+    # -- access ------------------------------------------------------------
+    def url(self, database: str = "postgres", user: str = SUPERUSER, password: str = SUPERUSER_PASSWORD,
+            host: str | None = None, port: int | None = None) -> str:
+        from urllib.parse import quote
+
+        return f"postgresql://{quote(user, safe='')}:{quote(password, safe='')}@{host or self.host}:{port or self.port}/{database}"
+
+    def connect(self, database: str = "postgres", **kwargs) -> psycopg.Connection:
+        return psycopg.connect(host=self.host, port=self.port, user=SUPERUSER, password=SUPERUSER_PASSWORD,
+                               dbname=database, autocommit=True, **kwargs)
+
+    def execute(self, sql: str, database: str = "postgres", params=None) -> list[tuple]:
+        with self.connect(database) as conn:
+            cur = conn.execute(sql, params)
+            return cur.fetchall() if cur.description else []
+
+    def create_database(self, name: str, owner: str = SUPERUSER) -> None:
+        self.execute(f'CREATE DATABASE "{name}" OWNER "{owner}"')
+
+    def create_role(self, name: str, password: str, extra: str = "") -> None:
+        with self.connect() as conn:
+            exists = conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (name,)).fetchone()
+            verb = "ALTER" if exists else "CREATE"
+            conn.execute(f'{verb} ROLE "{name}" LOGIN PASSWORD {psycopg.sql.quote(password)} {extra}')
+
+
+def _ids() -> tuple[int, int]:
+    owner = pwd.getpwnam(SYSTEM_USER)
+    return owner.pw_uid, owner.pw_gid
