@@ -18,11 +18,14 @@ import sys
 import time
 from urllib.parse import quote, quote_plus
 
+from sqlalchemy.engine import URL
+
 logger = logging.getLogger("runner")
 
 _secrets: set[str] = set()
 # Credentials in any URL-ish text, and `password=` in a query string or conninfo.
-_URL_CREDENTIALS = re.compile(r"(\b[a-z][a-z0-9+.-]*://[^:/@\s]*:)[^@\s]+@", re.IGNORECASE)
+# An encoded password may hold spaces and quotes; the first raw "@" ends it.
+_URL_CREDENTIALS = re.compile(r"(\b[a-z][a-z0-9+.-]*://[^:/@\s]*:)[^@]+?@", re.IGNORECASE)
 _PASSWORD_PARAM = re.compile(r"(\bpassword\s*=\s*)('[^']*'|[^&\s'\"]+)", re.IGNORECASE)
 MASK = "***"
 
@@ -30,7 +33,10 @@ MASK = "***"
 def add_secret(secret: str | None) -> None:
     """Mask this value, raw and percent-encoded, in all output from now on."""
     if secret:
-        _secrets.update({secret, quote(secret, safe=""), quote_plus(secret)})
+        # SQLAlchemy percent-encodes fewer characters than urllib does.
+        rendered = URL.create("x", username="u", password=secret).render_as_string(hide_password=False)
+        sqlalchemy_form = rendered.removeprefix("x://u:").removesuffix("@")
+        _secrets.update({secret, quote(secret, safe=""), quote_plus(secret), sqlalchemy_form} - {""})
 
 
 def redact(text: str) -> str:

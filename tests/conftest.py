@@ -24,8 +24,8 @@ RUNNER_PASSWORD = "p%w@rd:/#?&=x y'\"z"
 
 
 @pytest.fixture(scope="session")
-def postgres(tmp_path_factory):
-    server = Postgres(tmp_path_factory.mktemp("pg", numbered=True)).start()
+def postgres():
+    server = Postgres().start()
     server.create_role(RUNNER_ROLE, RUNNER_PASSWORD, "CREATEDB")
     yield server
     server.destroy()

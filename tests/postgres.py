@@ -50,8 +50,9 @@ def _prepare_root() -> None:
 class Postgres:
     """One server: start, stop (fast or immediate), restart, and URLs to reach it."""
 
-    def __init__(self, base: Path | None = None, port: int | None = None, settings: dict | None = None) -> None:
-        self.base = Path(base or tempfile.mkdtemp(prefix="mr-pg-"))
+    def __init__(self, port: int | None = None, settings: dict | None = None) -> None:
+        # Not under pytest's tmp_path: that is private to root, and the server runs as another user.
+        self.base = Path(tempfile.mkdtemp(prefix="mr-pg-"))
         self.data = self.base / "data"
         self.socket_dir = self.base / "socket"
         self.log = self.base / "server.log"
@@ -63,13 +64,16 @@ class Postgres:
     # -- lifecycle ---------------------------------------------------------
     def _run(self, *args: str, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess:
         kwargs = {"user": SYSTEM_USER} if _as_root() else {}
-        return subprocess.run([str(POSTGRES_BIN_PATH / args[0]), *args[1:]], check=check, capture_output=True,
+        proc = subprocess.run([str(POSTGRES_BIN_PATH / args[0]), *args[1:]], capture_output=True,
                               text=True, timeout=timeout, **kwargs)
+        if check and proc.returncode:
+            log = self.log.read_text()[-2000:] if self.log.exists() else ""
+            raise RuntimeError(f"{args[0]} failed ({proc.returncode}): {proc.stderr.strip()}\n{log}")
+        return proc
 
     def init(self) -> "Postgres":
         if _as_root():
             _prepare_root()
-        self.base.mkdir(parents=True, exist_ok=True)
         self.base.chmod(0o755)
         self.socket_dir.mkdir(exist_ok=True)
         pwfile = self.base / "pwfile"
