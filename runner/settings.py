@@ -62,6 +62,12 @@ class Settings(BaseSettings):
     ddl_lock_timeout: float | None = Field(
         None, gt=0, alias="MIGRATE_DDL_LOCK_TIMEOUT",
         description="lock_timeout in seconds for migration sessions, so DDL does not queue behind live traffic.")
+    ddl_lock_retries: int = Field(
+        0, ge=0, le=100, alias="MIGRATE_DDL_LOCK_RETRIES",
+        description="Times to retry, with backoff, a revision that rolled back on MIGRATE_DDL_LOCK_TIMEOUT.")
+    termination_log: Path | None = Field(
+        None, alias="MIGRATE_TERMINATION_LOG",
+        description="File for the final JSON summary; default /dev/termination-log when it is writable.")
     log_format: Literal["text", "json"] | None = Field(
         None, alias="MIGRATE_LOG_FORMAT",
         description="text or json; default text on a terminal, json otherwise.")
