@@ -174,7 +174,7 @@ argocd.argoproj.io/hook-delete-policy: {{ .Values.argocd.deletePolicy | quote }}
 
 {{/* Environment variables: each runner setting from values (the names are the runner's, see runner/settings.py). */}}
 {{- define "migration-runner.env" -}}
-{{- $v := .Values }}
+{{- $v := .Values -}}
 - name: DATABASE_URL_FILE
   value: {{ printf "%s/url" (trimSuffix "/" $v.database.mountPath) | quote }}
 {{- if $v.migrations.alembicConfig }}
@@ -196,6 +196,8 @@ argocd.argoproj.io/hook-delete-policy: {{ .Values.argocd.deletePolicy | quote }}
   "connectionCheckInterval" "MIGRATE_CONNECTION_CHECK_INTERVAL"
   "statementTimeout" "MIGRATE_STATEMENT_TIMEOUT"
   "ddlLockTimeout" "MIGRATE_DDL_LOCK_TIMEOUT"
+  "ddlLockRetries" "MIGRATE_DDL_LOCK_RETRIES"
+  "terminationLog" "MIGRATE_TERMINATION_LOG"
   "logFormat" "MIGRATE_LOG_FORMAT"
   "logLevel" "MIGRATE_LOG_LEVEL" }}
 {{- range $key, $name := $variables }}
@@ -234,7 +236,7 @@ The volumes the runner container mounts. Public: a parent chart that includes
     {{- include "migration-runner.volumes" (dict "chart" (index .Subcharts "migrationRunner")) | nindent 4 }}
 */}}
 {{- define "migration-runner.volumes" -}}
-{{- $ctx := .chart | default .context }}
+{{- $ctx := .chart | default .context -}}
 - name: migration-runner-database
   secret:
     secretName: {{ include "migration-runner.secretName" $ctx }}
@@ -278,7 +280,7 @@ The runner container. Arguments (a dict):
 {{- $ctx := .context }}
 {{- $v := $ctx.Values }}
 {{- $command := hasKey . "command" | ternary .command $v.command }}
-{{- $args := hasKey . "args" | ternary .args $v.args }}
+{{- $args := hasKey . "args" | ternary .args $v.args -}}
 - name: {{ .name | default "migration-runner" }}
   image: {{ include "migration-runner.image" $ctx | quote }}
   imagePullPolicy: {{ $v.image.pullPolicy }}
