@@ -41,9 +41,10 @@ def fatal_reason(error: BaseException) -> str | None:
 
 def first_line(error: BaseException) -> str:
     """The informative line of a libpq error (the last non-empty one)."""
-    lines = [line.strip() for line in str(getattr(error, "orig", error) or error).splitlines() if line.strip()]
-    text = next((line for line in reversed(lines) if line.startswith(("FATAL", "ERROR"))), None)
-    text = text or " ".join(lines)
+    text = " ".join(line.strip() for line in str(getattr(error, "orig", error) or error).splitlines() if line.strip())
+    for marker in ("FATAL:", "ERROR:"):
+        if marker in text:
+            return " ".join(text[text.index(marker):].split())
     return text.removeprefix("connection failed: ")
 
 

@@ -1,0 +1,27 @@
+import os
+
+from sqlalchemy.engine import make_url
+
+from runner import database
+
+
+def test_libpq_defaults_do_not_override_the_users_choices():
+    url = database.with_defaults(make_url("postgresql+psycopg://u@h/db?connect_timeout=3&sslmode=require"))
+    assert url.query["connect_timeout"] == "3" and url.query["sslmode"] == "require"
+    assert url.query["keepalives"] == "1" and url.query["tcp_user_timeout"] == "30000"
+
+
+def test_endpoint_names_host_and_port_without_credentials():
+    assert database.endpoint(make_url("postgresql://u:secret@db.internal:6543/x")) == "db.internal:6543"
+    assert database.endpoint(make_url("postgresql://u:secret@/x?host=/run/pg")) == "/run/pg:5432"
+
+
+def test_session_options_reach_libpq_through_the_environment(monkeypatch):
+    monkeypatch.setattr(database, "_USER_PGOPTIONS", "-c search_path=app")
+    database.set_session_options("my-app", statement_timeout=1500, lock_timeout=None)
+    try:
+        assert os.environ["PGAPPNAME"] == "my-app"
+        assert os.environ["PGOPTIONS"] == "-c search_path=app -c statement_timeout=1500"
+    finally:
+        monkeypatch.delenv("PGAPPNAME")
+        monkeypatch.delenv("PGOPTIONS")

@@ -1,0 +1,88 @@
+import psycopg
+import pytest
+from sqlalchemy import create_engine
+from sqlalchemy.engine import make_url
+
+from runner.errors import ConfigError, LegacyDatabase, MultipleHeads
+from runner.revisions import (check_single_head, database_state, load_config, load_scripts, merge_command,
+                              pending_revisions, refuse_legacy)
+
+from .projects import Rev, chain, make_project
+
+
+def scripts(tmp_path, revisions):
+    ini = make_project(tmp_path / "p", revisions)
+    config = load_config(ini, make_url("postgresql+psycopg://u:p%25%40@h/db"))
+    return config, load_scripts(config)
+
+
+def test_percent_encoded_password_survives_configparser(tmp_path):
+    config, _ = scripts(tmp_path, chain(1))
+    assert make_url(config.get_main_option("sqlalchemy.url")).password == "p%@"
+
+
+def test_unparseable_alembic_ini_is_a_config_error(tmp_path):
+    bad = tmp_path / "alembic.ini"
+    bad.write_text("[alembic\nscript_location = x\n")
+    with pytest.raises(ConfigError, match="ALEMBIC_CONFIG"):
+        load_config(bad, make_url("postgresql+psycopg://u@h/db"))
+
+
+def test_missing_script_location_is_a_config_error(tmp_path):
+    config, _ = scripts(tmp_path, chain(1))
+    config.set_main_option("script_location", str(tmp_path / "gone"))
+    with pytest.raises(ConfigError, match="ALEMBIC_CONFIG"):
+        load_scripts(config)
+
+
+def test_single_head_passes_and_two_heads_name_parents_and_merge(tmp_path):
+    _, script = scripts(tmp_path, chain(2))
+    assert check_single_head(script) == ("r0002",)
+    _, forked = scripts(tmp_path / "f", [Rev("a", None), Rev("b", "a", message="bee"), Rev("c", "a")])
+    with pytest.raises(MultipleHeads) as error:
+        check_single_head(forked)
+    text = str(error.value)
+    assert "2 heads" in text and "parent a" in text and "bee" in text
+    assert merge_command(forked.get_heads()) in text
+
+
+def test_state_classifies_fresh_legacy_pending_current_ahead(tmp_path, database_url):
+    _, script = scripts(tmp_path, chain(3))
+    engine = create_engine(make_url(database_url).set(drivername="postgresql+psycopg"))
+
+    def state():
+        with engine.connect() as conn:
+            return database_state(conn, script, version_table="alembic_version", schema=None)
+
+    assert state().kind == "fresh"
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute("CREATE TABLE legacy_t (id int)")
+        assert (state().kind, state().tables) == ("legacy", ["legacy_t"])
+        conn.execute("CREATE TABLE alembic_version (version_num varchar(32) PRIMARY KEY)")
+        conn.execute("INSERT INTO alembic_version VALUES ('r0001')")
+        pending = state()
+        assert pending.kind == "pending" and [s.revision for s in pending.pending] == ["r0002", "r0003"]
+        conn.execute("UPDATE alembic_version SET version_num = 'r0003'")
+        assert state().kind == "current" and state().current == ("r0003",)
+        conn.execute("UPDATE alembic_version SET version_num = 'zzz'")
+        ahead = state()
+        assert ahead.kind == "ahead" and ahead.unknown == ("zzz",)
+    engine.dispose()
+
+
+def test_pending_from_base_is_every_revision_in_order(tmp_path):
+    _, script = scripts(tmp_path, chain(4))
+    assert [s.revision for s in pending_revisions(script, ())] == ["r0001", "r0002", "r0003", "r0004"]
+
+
+def test_legacy_refusal_names_tables_and_the_variable(tmp_path):
+    from runner.revisions import State
+
+    _, script = scripts(tmp_path, chain(2))
+    state = State(kind="legacy", tables=[f"t{i}" for i in range(7)])
+    with pytest.raises(LegacyDatabase) as error:
+        refuse_legacy(state, None, script)
+    assert "7 tables" in str(error.value) and "t0" in str(error.value) and "MIGRATE_BASELINE_REVISION" in str(error.value)
+    with pytest.raises(LegacyDatabase, match="nope"):
+        refuse_legacy(state, "nope", script)
+    assert refuse_legacy(state, "r0001", script) == "r0001"

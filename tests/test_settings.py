@@ -1,0 +1,73 @@
+from pathlib import Path
+
+import pytest
+
+from runner.errors import ConfigError
+from runner.settings import Settings, parse_url, variables
+
+
+def settings(monkeypatch, **env) -> Settings:
+    for name, _, _ in variables():
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    return Settings.from_env()
+
+
+def test_defaults(monkeypatch):
+    s = settings(monkeypatch, DATABASE_URL="postgresql://u:p@h/db")
+    assert (s.wait_timeout, s.lock_timeout, s.lock_key, s.allow_multiple_heads) == (60, 300, None, False)
+    assert s.alembic_config == Path("alembic.ini") and s.log_level == "INFO" and s.log_format is None
+    assert s.application_name == "migration-runner" and s.version_table == "alembic_version"
+
+
+def test_values_are_read_from_their_variables(monkeypatch):
+    s = settings(monkeypatch, DATABASE_URL="postgresql://u:p@h/db", MIGRATE_WAIT_TIMEOUT="2.5",
+                 MIGRATE_LOCK_KEY="-9223372036854775808", MIGRATE_ALLOW_MULTIPLE_HEADS="yes",
+                 MIGRATE_LOG_LEVEL="debug", MIGRATE_LOG_FORMAT="JSON", MIGRATE_BASELINE_REVISION="abc")
+    assert (s.wait_timeout, s.lock_key, s.allow_multiple_heads) == (2.5, -2**63, True)
+    assert (s.log_level, s.log_format, s.baseline_revision) == ("DEBUG", "json", "abc")
+
+
+def test_empty_variables_count_as_unset(monkeypatch):
+    s = settings(monkeypatch, DATABASE_URL="postgresql://u:p@h/db", MIGRATE_LOCK_KEY="", MIGRATE_WAIT_TIMEOUT="")
+    assert s.lock_key is None and s.wait_timeout == 60
+
+
+@pytest.mark.parametrize("name, value", [
+    ("MIGRATE_WAIT_TIMEOUT", "-3"), ("MIGRATE_LOCK_KEY", "1.5"), ("MIGRATE_LOG_LEVEL", "loud"),
+    ("MIGRATE_APPLICATION_NAME", "x" * 64), ("MIGRATE_DDL_LOCK_RETRIES", "-1"), ("MIGRATE_STATEMENT_TIMEOUT", "0"),
+])
+def test_invalid_values_name_the_variable_in_one_line(monkeypatch, name, value):
+    with pytest.raises(ConfigError) as error:
+        settings(monkeypatch, DATABASE_URL="postgresql://u:p@h/db", **{name: value})
+    assert str(error.value).startswith(name) and "\n" not in str(error.value)
+
+
+def test_exactly_one_url_source(monkeypatch, tmp_path):
+    with pytest.raises(ConfigError, match="both set"):
+        settings(monkeypatch, DATABASE_URL="postgresql://u:p@h/db", DATABASE_URL_FILE=str(tmp_path / "f"))
+    with pytest.raises(ConfigError, match="set DATABASE_URL or DATABASE_URL_FILE"):
+        settings(monkeypatch)
+
+
+def test_url_file_is_stripped(monkeypatch, tmp_path):
+    (tmp_path / "url").write_text("postgres://u:p%40ss@h:6543/db\n")
+    url = settings(monkeypatch, DATABASE_URL_FILE=str(tmp_path / "url")).url()
+    assert (url.drivername, url.password, url.port, url.database) == ("postgresql+psycopg", "p@ss", 6543, "db")
+
+
+@pytest.mark.parametrize("raw, words", [
+    ("", "empty"), ("mysql://u:topsecret@h/db", "unsupported scheme"), ("postgresql://u:topsecret@h", "no database"),
+    ("::::topsecret", "not a PostgreSQL URL"),
+])
+def test_bad_urls_never_echo_the_password(raw, words):
+    with pytest.raises(ConfigError) as error:
+        parse_url(raw)
+    assert words in str(error.value) and "topsecret" not in str(error.value)
+
+
+def test_every_variable_has_a_description():
+    rows = variables()
+    assert len({name for name, _, _ in rows}) == len(rows)
+    assert all(meaning for _, _, meaning in rows)
