@@ -634,3 +634,41 @@ def test_rendered_job_fails_at_once_on_a_configuration_error(database_url, tmp_p
     assert result.returncode != 0
     assert result.returncode in rules[0]["onExitCodes"]["values"], result
     assert version_rows(database_url) == []
+
+
+# -- documentation ------------------------------------------------------------------------------
+def values_table_module():
+    import runpy
+    return runpy.run_path(str(ROOT / "helm" / "values-table.py"), run_name="values_table")
+
+
+def leaf_paths(value, prefix=""):
+    if isinstance(value, dict) and value:
+        for key, child in value.items():
+            yield from leaf_paths(child, f"{prefix}{key}.")
+    else:
+        yield prefix.rstrip(".")
+
+
+def test_every_value_has_a_comment_and_a_row_in_the_readme():
+    module = values_table_module()
+    rows = module["documented"]()
+    paths = [path for path, _, _ in rows]
+    assert len(paths) == len(set(paths))
+    defaults = yaml.safe_load((CHART / "values.yaml").read_text())
+    for leaf in leaf_paths(defaults):
+        assert any(leaf == p or leaf.startswith(p + ".") for p in paths), f"{leaf} has no '# --' comment"
+    readme = (CHART / "README.md").read_text()
+    assert readme == module["readme_with_table"](readme), "chart README's table is stale: run helm/values-table.py"
+    for path in paths:
+        assert f"| `{path}` |" in readme
+    # The schema knows every value, and nothing else, at the top level.
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    assert set(defaults) <= set(schema["properties"]) and schema["additionalProperties"] is False
+
+
+def test_readme_explains_installation_and_failure_per_mode():
+    readme = (CHART / "README.md").read_text()
+    for needle in ("helm upgrade --install", "argoproj.io/v1alpha1", "--timeout", "| `hook` (default)", "| `argocd` |",
+                   "| `job` |", "migration-runner.initContainer"):
+        assert needle in readme, needle
