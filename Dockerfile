@@ -21,16 +21,16 @@ FROM ${BASE_IMAGE} AS builder
 # Optional CA bundle for corporate / TLS-intercepting proxies (builder only).
 # SSL_CERT_FILE is read by uv; PIP_CERT and REQUESTS_CA_BUNDLE by pip.
 # UV_NATIVE_TLS=true makes uv use the system trust store instead.
-ARG SSL_CERT_FILE
-ARG PIP_CERT
-ARG REQUESTS_CA_BUNDLE
-ARG UV_NATIVE_TLS
+ARG SSL_CERT_FILE=
+ARG PIP_CERT=
+ARG REQUESTS_CA_BUNDLE=
+ARG UV_NATIVE_TLS=
 # uv is installed from the package index with pip (pinned).
 ARG UV_VERSION=0.13.9
 
 RUN DEBIAN_FRONTEND=noninteractive apt-get update \
  && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
-        python3 python3-venv \
+        python3 python3-venv binutils \
  && rm -rf /var/lib/apt/lists/*
 
 # uv must use the very interpreter the final stage has (Debian's
@@ -65,13 +65,28 @@ RUN set -eu; \
     uv sync --locked --no-dev --no-install-project --no-editable
 
 # Then the project itself, installed as a regular (non-editable) package.
+# Then trim what only a developer uses (keeps the image under 80 MB on top of
+# the base): debug symbols of the extension modules shipped unstripped
+# (SQLAlchemy's Cython modules, ~8 MB; already-stripped auditwheel/patchelf
+# libraries are left untouched), the test-suite helpers of SQLAlchemy and
+# Alembic (imported only by their own test plugins) and typing/Cython sources.
+ARG CHECK_IMPORTS="import psycopg, pydantic_core, markupsafe._speedups, alembic.command; \
+assert psycopg.pq.__impl__ == 'binary', psycopg.pq.__impl__; \
+from sqlalchemy.util._has_cython import HAS_CYEXTENSION; assert HAS_CYEXTENSION, 'SQLAlchemy C extensions'"
 COPY README.md ./
 COPY runner/ ./runner/
 RUN set -eu; \
     [ -n "${SSL_CERT_FILE:-}" ] || unset SSL_CERT_FILE; \
     [ -n "${UV_NATIVE_TLS:-}" ] || unset UV_NATIVE_TLS; \
     uv sync --locked --no-dev --no-editable; \
-    test -x /opt/venv/bin/migration-runner
+    test -x /opt/venv/bin/migration-runner; \
+    find /opt/venv -name '*.so*' -type f | while read -r so; do \
+        if readelf -S "$so" 2>/dev/null | grep -q '\.symtab'; then strip --strip-unneeded "$so"; fi; \
+    done; \
+    site=$(/opt/venv/bin/python -c 'import sysconfig; print(sysconfig.get_path("purelib"))'); \
+    rm -rf "$site/sqlalchemy/testing" "$site/alembic/testing"; \
+    find "$site" -type f \( -name '*.pyi' -o -name '*.pxd' -o -name '*.pyx' -o -name '*.c' \) -delete; \
+    /opt/venv/bin/python -c "$CHECK_IMPORTS"
 
 # ---------------------------------------------------------------------------
 # final: debian:trixie-slim + Debian's python3 + the virtual environment.
@@ -91,7 +106,14 @@ LABEL org.opencontainers.image.title="migration-runner" \
       org.opencontainers.image.licenses="MIT" \
       org.opencontainers.image.base.name="debian:trixie-slim"
 
-RUN DEBIAN_FRONTEND=noninteractive apt-get update \
+# Like debian:*-slim itself keeps docs and man pages out, keep out the C
+# extension modules only CPython's own test suite loads (no .py files: the
+# package's postinst byte-compiles every .py it ships).
+RUN printf '%s\n' \
+        'path-exclude /usr/lib/python3*/lib-dynload/_test*' \
+        'path-exclude /usr/lib/python3*/lib-dynload/_xxtestfuzz*' \
+        > /etc/dpkg/dpkg.cfg.d/migration-runner-slim \
+ && DEBIAN_FRONTEND=noninteractive apt-get update \
  && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends python3 \
  && apt-get clean \
  && rm -rf /var/lib/apt/lists/* /var/cache/apt/* /var/log/apt/* /var/log/dpkg.log \

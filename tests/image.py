@@ -245,8 +245,8 @@ def host_ca_bundle() -> Path | None:
 
 def build(tag: str, context: Path, dockerfile: Path | None = None,
           build_args: dict[str, str] | None = None, timeout: float = 1800) -> subprocess.CompletedProcess:
-    """`buildah bud` with chroot isolation, never pulling, reusing cached layers."""
-    args: list[str | os.PathLike] = ["bud", "--isolation", "chroot", "--pull=never", "--layers",
+    """`buildah bud` with chroot isolation, never pulling; one new layer per stage."""
+    args: list[str | os.PathLike] = ["bud", "--isolation", "chroot", "--pull=never", "--layers=false",
                                      "--network", "host", "-t", tag]
     if dockerfile is not None:
         args += ["-f", dockerfile]
