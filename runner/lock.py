@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
+import socket
+import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -54,17 +57,79 @@ def _lock_ids(key: int) -> dict:
     return {"classid": unsigned >> 32, "objid": unsigned & 0xFFFF_FFFF}
 
 
+# How long a check of the lock's session may take before the session is taken
+# for lost: a silently dropped connection (half-open) never answers, and TCP
+# keepalives cannot see it when something on the path still acknowledges.
+CHECK_GRACE = 10.0
+
+# Whether this session still holds the lock, asked of the lock's own session.
+_HELD = """
+    SELECT pg_backend_pid() = %(pid)s AND EXISTS (
+        SELECT 1 FROM pg_locks WHERE pid = pg_backend_pid() AND locktype = 'advisory' AND granted
+           AND objsubid = 1 AND classid::bigint = %(classid)s AND objid::bigint = %(objid)s
+           AND database = (SELECT oid FROM pg_database WHERE datname = current_database()))
+"""
+
+
+def fence_key(key: int) -> int:
+    """The second key: every migration session holds it shared while it lives.
+
+    A new holder of the lock takes it exclusively once (and lets it go) before it
+    migrates, so it waits until no migration session of an earlier holder that
+    lost its lock is still running on the server.
+    """
+    digest = hashlib.sha256(f"migration-runner-fence:{key}".encode()).digest()
+    return int.from_bytes(digest[:8], "big", signed=True)
+
+
+def sever(dbapi_connection) -> None:
+    """Shut the connection's socket down from any thread: a call blocked on it fails at once."""
+    try:
+        fd = dbapi_connection.pgconn.socket
+    except Exception:
+        return
+    try:
+        with socket.socket(fileno=os.dup(fd)) as sock:
+            sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+
+
 @dataclass
 class Lock:
     key: int
     connection: Connection
     pid: int
     waited: float
+    # Set once the lock is known lost (by the watchdog or a failed check): why.
+    lost: str | None = None
 
-    def held(self) -> bool:
+    def __post_init__(self) -> None:
+        self._mutex = threading.Lock()
+
+    @property
+    def fence(self) -> int:
+        return fence_key(self.key)
+
+    def query(self, sql: str, params: dict | None = None, grace: float = CHECK_GRACE) -> list[tuple]:
+        """Run a query on the lock's session from any thread; the session is severed if it hangs."""
+        raw = self.connection.connection.dbapi_connection
+        with self._mutex:
+            timer = threading.Timer(grace, sever, (raw,))
+            timer.daemon = True
+            timer.start()
+            try:
+                cursor = raw.execute(sql, params)
+                return cursor.fetchall() if cursor.description else []
+            finally:
+                timer.cancel()
+
+    def held(self, grace: float = CHECK_GRACE) -> bool:
         """Whether the server still shows this session holding the lock."""
-        rows = self.connection.execute(_HOLDERS, _lock_ids(self.key)).all()
-        return any(row.pid == self.pid for row in rows)
+        if self.lost:
+            return False
+        rows = self.query(_HELD, {"pid": self.pid, **_lock_ids(self.key)}, grace)
+        return bool(rows and rows[0][0])
 
 
 def holders(connection: Connection, key: int) -> list[dict]:
@@ -132,6 +197,8 @@ def advisory_lock(url: URL, key: int | None, timeout: float, *, schema: str | No
                 f"to end that session: SELECT pg_terminate_backend(<pid>);") from None
         lock = Lock(key=key, connection=connection, pid=pid, waited=time.monotonic() - started)
         _refuse_transaction_pooling(lock)
+        _wait_for_fence(connection, lock.fence, max(1.0, timeout - lock.waited), sleep)
+        lock.waited = time.monotonic() - started
         logger.info("lock %d acquired after %.1fs", key, lock.waited, extra={"lock_key": key, "lock_wait": round(lock.waited, 3)})
         yield lock
     finally:
@@ -148,6 +215,28 @@ def _refuse_transaction_pooling(lock: Lock) -> None:
             "the advisory lock is not held by this session: the connection goes through a "
             "transaction-pooling proxy (e.g. PgBouncer pool_mode=transaction); point DATABASE_URL "
             "at PostgreSQL directly or at a session-pooled port")
+
+
+def _wait_for_fence(connection: Connection, fence: int, timeout: float, sleep) -> None:
+    # A previous holder that lost its session may still have a migration
+    # statement running on the server: wait until every such session is gone.
+    def try_fence() -> bool:
+        return connection.execute(text("SELECT pg_try_advisory_lock(:key)"), {"key": fence}).scalar_one()
+
+    def report(state: tenacity.RetryCallState) -> None:
+        if state.attempt_number == 1:
+            logger.warning("lock taken, but a migration session of the previous holder is still running; "
+                           "waiting for it to end")
+
+    try:
+        tenacity.Retrying(stop=tenacity.stop_after_delay(timeout),
+                          wait=tenacity.wait_random_exponential(multiplier=0.1, max=1),
+                          retry=tenacity.retry_if_result(lambda acquired: not acquired),
+                          before_sleep=report, sleep=sleep)(try_fence)
+    except tenacity.RetryError:
+        raise LockTimeout(f"a migration session of the previous lock holder was still running after {timeout:g}s "
+                          f"(MIGRATE_LOCK_TIMEOUT)") from None
+    connection.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": fence})
 
 
 def _release(connection: Connection, key: int | None) -> None:
