@@ -3,18 +3,25 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import signal
 import sys
 
-from . import __version__, commands, log
+from . import __version__, log
+from .commands import COMMANDS
 from .errors import EXIT_BUG, Interrupted, RunnerError, markdown_table
+from .report import Report, emit
 from .settings import Settings, variables
 
 logger = logging.getLogger("runner")
 
-COMMANDS = {
-    "upgrade": commands.upgrade,
+HELP = {
+    "upgrade": "wait, lock, check heads, stamp a baseline if asked, upgrade to heads (the default)",
+    "check": "read only: exit 0 at heads, 9 if revisions are pending, 8 if the database is ahead",
+    "wait": "repeat check until the database is at heads (for an application's init container)",
+    "plan": "list what upgrade would apply from the database's state; --sql prints the SQL",
+    "heads": "no database: exit 0 with the single head, or 5 listing the heads and the merge command",
 }
 
 
@@ -31,34 +38,42 @@ def parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    p.add_argument("command", nargs="?", default="upgrade", choices=sorted(COMMANDS),
-                   help="what to do (default: upgrade)")
+    commands = p.add_subparsers(dest="command", metavar="{" + ",".join(COMMANDS) + "}",
+                                title="commands (default: upgrade)")
+    for name, text in HELP.items():
+        sub = commands.add_parser(name, help=text, description=text)
+        if name == "plan":
+            sub.add_argument("--sql", action="store_true", help="print the SQL alembic would run (offline mode)")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    name = args.command or "upgrade"
+    run = COMMANDS[name]
+    if name == "plan":
+        run = functools.partial(run, sql=args.sql)
     signal.signal(signal.SIGTERM, _raise_interrupted)
     signal.signal(signal.SIGINT, _raise_interrupted)
     log.setup()
+    report = Report(command=name)
+    settings = None
     try:
         settings = Settings.from_env()
         log.setup(settings.log_format, settings.log_level)
         if settings.database_url is not None:
             log.add_secret(settings.database_url.get_secret_value())
-        url = settings.url()
-        log.add_secret(url.password)
-        log.add_secret(url.query.get("password"))
-        return COMMANDS[args.command](settings)
+        code = run(settings, report)
     except RunnerError as e:
-        logger.error("%s", e, extra={"exit_code": e.exit_code, "error": type(e).__name__})
-        return e.exit_code
+        report.outcome, report.message, code = type(e).__name__, str(e), e.exit_code
     except Interrupted as e:
-        logger.error("interrupted by %s: stopped, rolled back, lock released", e, extra={"exit_code": e.exit_code})
-        return e.exit_code
+        report.outcome, code = "interrupted", e.exit_code
+        report.message = f"interrupted by {e}: stopped, rolled back, lock released"
     except Exception as e:
-        logger.exception("unexpected error: %s: %s", type(e).__name__, e, extra={"exit_code": EXIT_BUG})
-        return EXIT_BUG
+        logger.exception("unexpected error")
+        report.outcome, report.message, code = "bug", f"unexpected error: {type(e).__name__}: {e}", EXIT_BUG
+    emit(report, code, settings.termination_log if settings else None)
+    return code
 
 
 def run() -> None:

@@ -28,6 +28,7 @@ _secrets: set[str] = set()
 _URL_CREDENTIALS = re.compile(r"(\b[a-z][a-z0-9+.-]*://[^:/@\s]*:)[^@]+?@", re.IGNORECASE)
 _PASSWORD_PARAM = re.compile(r"(\bpassword\s*=\s*)('[^']*'|[^&\s'\"]+)", re.IGNORECASE)
 MASK = "***"
+_format = "text"
 
 
 def add_secret(secret: str | None) -> None:
@@ -122,8 +123,9 @@ def _ignore_file_config(*args, **kwargs) -> None:
 
 def setup(fmt: str | None = None, level: str = "INFO") -> str:
     """Send all logging to stderr as text or JSON; returns the format chosen."""
+    global _format
     stream = sys.__stderr__
-    fmt = fmt or ("text" if stream.isatty() else "json")
+    fmt = _format = fmt or ("text" if stream.isatty() else "json")
     handler = logging.StreamHandler(stream)
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     root = logging.getLogger()
@@ -139,6 +141,10 @@ def setup(fmt: str | None = None, level: str = "INFO") -> str:
     return fmt
 
 
-def summary(message: str, **fields) -> None:
-    """The final line of a run: message in text mode, message plus fields in JSON."""
-    logger.info(message, extra=fields)
+def summary(level: int, fields: dict) -> None:
+    """A command's last line: its message with the fields, as one JSON object in JSON mode."""
+    message = fields["message"]
+    if _format == "json":
+        logger.log(level, "%s", message, extra={k: v for k, v in fields.items() if k != "message"})
+    else:
+        logger.log(level, "%s %s", message, json.dumps({k: v for k, v in fields.items() if k != "message"}))

@@ -17,8 +17,8 @@ from sqlalchemy.engine import URL, Connection
 from .errors import ConfigError, DatabaseAhead, LegacyDatabase, MultipleHeads
 
 
-def load_config(path: Path, url: URL) -> Config:
-    """alembic.ini with sqlalchemy.url set to the runner's URL."""
+def load_config(path: Path, url: URL | None = None) -> Config:
+    """alembic.ini, with sqlalchemy.url set to the runner's URL when there is one."""
     if not path.is_file():
         raise ConfigError(f"ALEMBIC_CONFIG: {path} does not exist or is not a file")
     try:
@@ -27,9 +27,9 @@ def load_config(path: Path, url: URL) -> Config:
         config.file_config  # parse now, so a broken file is a config error here
     except (OSError, configparser.Error) as e:
         raise ConfigError(f"ALEMBIC_CONFIG: cannot read {path}: {str(e).splitlines()[0]}") from None
-    # configparser interpolates %: a percent-encoded password must be doubled.
-    rendered = url.render_as_string(hide_password=False).replace("%", "%%")
-    config.set_main_option("sqlalchemy.url", rendered)
+    if url is not None:
+        # configparser interpolates %: a percent-encoded password must be doubled.
+        config.set_main_option("sqlalchemy.url", url.render_as_string(hide_password=False).replace("%", "%%"))
     return config
 
 
@@ -47,10 +47,18 @@ def check_single_head(script: ScriptDirectory) -> tuple[str, ...]:
         described = ", ".join(
             f"{head} (parent {_parents(script, head)}: {script.get_revision(head).doc or ''})".replace(": )", ")")
             for head in heads)
+        ancestor = common_ancestor(script, heads) or "base"
         raise MultipleHeads(
-            f"the scripts have {len(heads)} heads: {described}; merge them with: "
+            f"the scripts have {len(heads)} heads: {described}; common ancestor {ancestor}; merge them with: "
             f"{merge_command(heads)} (or set MIGRATE_ALLOW_MULTIPLE_HEADS=true)")
     return heads
+
+
+def common_ancestor(script: ScriptDirectory, heads) -> str | None:
+    """The newest revision every head descends from, None if they share none."""
+    lineages = [[r.revision for r in script.iterate_revisions(head, "base")] for head in heads]
+    shared = set.intersection(*(set(lineage) for lineage in lineages))
+    return next((revision for revision in lineages[0] if revision in shared), None)
 
 
 def merge_command(heads) -> str:

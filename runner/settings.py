@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError
@@ -81,16 +81,12 @@ class Settings(BaseSettings):
             return value.upper() if info.field_name == "log_level" else value.lower()
         return value
 
-    @model_validator(mode="after")
-    def _one_url_source(self):
-        if self.database_url is not None and self.database_url_file is not None:
-            raise ValueError("DATABASE_URL and DATABASE_URL_FILE are both set; set exactly one")
-        if self.database_url is None and self.database_url_file is None:
-            raise ValueError("set DATABASE_URL or DATABASE_URL_FILE")
-        return self
-
     def url(self) -> URL:
         """The database URL, from the variable or the file, with the psycopg 3 driver."""
+        if self.database_url is not None and self.database_url_file is not None:
+            raise ConfigError("DATABASE_URL and DATABASE_URL_FILE are both set; set exactly one")
+        if self.database_url is None and self.database_url_file is None:
+            raise ConfigError("set DATABASE_URL or DATABASE_URL_FILE")
         if self.database_url is not None:
             name, raw = "DATABASE_URL", self.database_url.get_secret_value()
         else:

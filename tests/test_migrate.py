@@ -64,13 +64,13 @@ def test_a_lost_connection_is_unreachable_not_a_failed_revision(database_url, po
 
 def test_no_commit_once_the_lock_session_is_gone(database_url, postgres):
     engine = create_engine(sa_url(database_url))
-    with advisory_lock(sa_url(database_url), 123, timeout=5) as lock, guarded_by(lock):
-        with engine.connect() as conn:
-            conn.execute(text("CREATE TABLE committed_while_held (id int)"))
-            conn.commit()
-            conn.execute(text("CREATE TABLE must_not_commit (id int)"))
-            postgres.execute("SELECT pg_terminate_backend(%s)", params=(lock.pid,))
-            with pytest.raises(DatabaseUnreachable, match="lost the advisory lock"):
+    with advisory_lock(sa_url(database_url), 123, timeout=5) as lock:
+        with pytest.raises(DatabaseUnreachable, match="advisory lock.s session was lost"):
+            with guarded_by(lock), engine.connect() as conn:
+                conn.execute(text("CREATE TABLE committed_while_held (id int)"))
+                conn.commit()
+                conn.execute(text("CREATE TABLE must_not_commit (id int)"))
+                postgres.execute("SELECT pg_terminate_backend(%s)", params=(lock.pid,))
                 conn.commit()
     engine.dispose()
     with psycopg.connect(database_url) as conn:
