@@ -672,3 +672,55 @@ def test_readme_explains_installation_and_failure_per_mode():
     for needle in ("helm upgrade --install", "argoproj.io/v1alpha1", "--timeout", "| `hook` (default)", "| `argocd` |",
                    "| `job` |", "migration-runner.initContainer"):
         assert needle in readme, needle
+
+
+# -- the same, inside the built image (when buildah can build it here) --------------------------
+@pytest.fixture(scope="module")
+def runner_image():
+    from . import image
+
+    reason = image.buildah_available()
+    if reason:
+        pytest.skip(reason)
+    return image.build_runner_image()
+
+
+def inside(root: Path, path: str) -> Path:
+    """path within a container rootfs at root, resolving the rootfs's own symlinks (/var/run -> /run)."""
+    current = root
+    for part in Path(path).relative_to("/").parts:
+        candidate = current / part
+        if candidate.is_symlink():
+            target = Path(candidate.readlink())
+            candidate = inside(root, str(target)) if target.is_absolute() else current / target
+        current = candidate
+    return current
+
+
+@pytest.mark.slow
+def test_rendered_job_migrates_inside_the_image(runner_image, database_url, tmp_path):
+    """The rendered container in the real image: its user, read-only root, mounts, env, entrypoint."""
+    from . import image
+
+    values = {"mode": "job", "database": {"url": database_url}, "config": {"waitTimeout": 10},
+              "migrations": {"source": "configMap", "files": example_files()}}
+    docs = render(values)
+    c, pod = container(docs), pod_spec(docs)
+    local = materialize(docs, tmp_path / "root")
+    for path in [tmp_path / "root", *(tmp_path / "root").rglob("*")]:
+        path.chmod(0o1777 if path.is_dir() else 0o444)  # what the kubelet's fsGroup/defaultMode would allow
+    sc = c["securityContext"]
+    assert sc["readOnlyRootFilesystem"] is True
+    with image.Container(runner_image) as box:
+        extra = ["--user", f"{sc['runAsUser']}:{sc['runAsGroup']}"]
+        for mount in c["volumeMounts"]:
+            inside(box.mountpoint, mount["mountPath"]).mkdir(parents=True, exist_ok=True)
+            mode = "ro" if mount.get("readOnly") else "rw"
+            extra += ["-v", f"{local[mount['mountPath'].rstrip('/')]}:{mount['mountPath']}:{mode}"]
+        command = (c.get("command") or box.entrypoint()) + c.get("args", [])
+        env = {item["name"]: item["value"] for item in c["env"]}
+        with image.read_only_rootfs(box):
+            proc = box.run(command, env=env, extra=extra, timeout=180)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert version_rows(database_url) == ["0003"]
+    assert pod["securityContext"]["runAsNonRoot"] is True
