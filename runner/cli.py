@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 import functools
 import logging
+import os
 import signal
 import sys
+from pathlib import Path
 
 from . import __version__, log
 from .commands import COMMANDS
@@ -72,7 +74,9 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:
         logger.exception("unexpected error")
         report.outcome, report.message, code = "bug", f"unexpected error: {type(e).__name__}: {e}", EXIT_BUG
-    emit(report, code, settings.termination_log if settings else None)
+    # Invalid settings still deserve a termination message where one was asked for.
+    termination_log = settings.termination_log if settings else os.environ.get("MIGRATE_TERMINATION_LOG")
+    emit(report, code, Path(termination_log) if termination_log else None)
     return code
 
 

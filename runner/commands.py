@@ -187,7 +187,26 @@ def _connect(settings: Settings, url: URL) -> int | None:
     version = wait_for_database(url, settings.wait_timeout)
     check_interval = int(settings.connection_check_interval * 1000) if version >= 140000 else 0
     _session_options(settings, check_interval or None)
+    if check_interval:
+        _probe_session_options(url)
     return check_interval or None
+
+
+def _probe_session_options(url: URL) -> None:
+    # PgBouncer refuses the `options` startup parameter unless told to ignore it.
+    engine = database.engine(url)
+    try:
+        with engine.connect():
+            pass
+    except DBAPIError as e:
+        if "unsupported startup parameter" not in str(e):
+            raise DatabaseUnreachable(f"database {database.endpoint(url)}: {first_line(e)}") from None
+        raise ConfigError(
+            "a proxy in front of PostgreSQL (PgBouncer?) refused the startup parameter `options` that carries "
+            "the runner's session settings; connect to PostgreSQL directly, or to a session-pooled port with "
+            "`ignore_startup_parameters = options`") from None
+    finally:
+        engine.dispose()
 
 
 def _session_options(settings: Settings, check_interval: int | None, **timeouts: int | None) -> None:

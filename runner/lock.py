@@ -196,7 +196,7 @@ def advisory_lock(url: URL, key: int | None, timeout: float, *, schema: str | No
                 f"lock {key} not acquired within {timeout:g}s (MIGRATE_LOCK_TIMEOUT); held by {who}; "
                 f"to end that session: SELECT pg_terminate_backend(<pid>);") from None
         lock = Lock(key=key, connection=connection, pid=pid, waited=time.monotonic() - started)
-        _refuse_transaction_pooling(lock)
+        _refuse_transaction_pooling(lock, engine)
         _wait_for_fence(connection, lock.fence, max(1.0, timeout - lock.waited), sleep)
         lock.waited = time.monotonic() - started
         logger.info("lock %d acquired after %.1fs", key, lock.waited, extra={"lock_key": key, "lock_wait": round(lock.waited, 3)})
@@ -206,11 +206,15 @@ def advisory_lock(url: URL, key: int | None, timeout: float, *, schema: str | No
         engine.dispose()
 
 
-def _refuse_transaction_pooling(lock: Lock) -> None:
+def _refuse_transaction_pooling(lock: Lock, engine) -> None:
     # Behind a transaction-mode pooler each statement may run on another
     # backend, and a session lock protects nothing: check it is really ours.
+    # An idle pooler hands every client the same backend, so a second client
+    # seeing our backend pid proves the sharing even without concurrent traffic.
+    with engine.connect() as probe:
+        shared = probe.execute(text("SELECT pg_backend_pid()")).scalar_one() == lock.pid
     same_backend = lock.connection.execute(text("SELECT pg_backend_pid()")).scalar_one() == lock.pid
-    if not (same_backend and lock.held()):
+    if shared or not (same_backend and lock.held()):
         raise ConfigError(
             "the advisory lock is not held by this session: the connection goes through a "
             "transaction-pooling proxy (e.g. PgBouncer pool_mode=transaction); point DATABASE_URL "
