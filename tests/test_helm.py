@@ -503,6 +503,18 @@ def test_parent_chart_runs_the_runner_as_an_init_container():
     assert env["DATABASE_URL_FILE"].endswith("/url")
 
 
+def test_parent_chart_with_the_hook_job_waits_for_the_heads_in_its_pods():
+    docs = render({"migrationRunner": {"job": {"enabled": True}}}, chart=PARENT)
+    assert sorted(kinds(docs)) == ["Deployment", "Job", "ServiceAccount"]
+    for doc in docs:
+        kubernetes_validate.validate(doc, KUBE_VERSION, strict=True)
+    job = only(docs, "Job")
+    assert "pre-install" in job["metadata"]["annotations"]["helm.sh/hook"]
+    (init,) = only(docs, "Deployment")["spec"]["template"]["spec"]["initContainers"]
+    assert init["name"] == "wait-for-migrations" and init["args"] == ["wait"]
+    assert env_of(init)["DATABASE_URL_FILE"].endswith("/url")
+
+
 def test_parent_chart_can_override_the_init_containers_command(tmp_path):
     parent = tmp_path / "helm-parent"
     shutil.copytree(PARENT, parent, symlinks=False)

@@ -336,3 +336,14 @@ Optional keys of the dict: "name" (container name, default "migration-runner"),
 {{- if hasKey . "args" }}{{ $_ := set $params "args" .args }}{{ end }}
 {{- include "migration-runner.container" $params | trim }}
 {{- end }}
+
+{{/*
+A read-only init container for an application's pods that waits until the
+database is at the heads (`migration-runner wait`), for when the migration
+itself runs as this chart's Job: the application never starts against an old
+schema while the Job is still running. Same dict as initContainer.
+*/}}
+{{- define "migration-runner.waitContainer" -}}
+{{- $params := merge (dict "name" "wait-for-migrations" "args" (list "wait")) . }}
+{{- include "migration-runner.initContainer" $params }}
+{{- end }}
