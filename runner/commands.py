@@ -147,6 +147,7 @@ def plan(settings: Settings, report: Report, sql: bool = False) -> int:
     for revision in pending:
         logger.info("would apply %s: %s", revision.revision, revision.doc or "", extra={"revision": revision.revision})
     report.pending = [revision.revision for revision in pending]
+    report.to_revision = tuple(script.get_heads())
     report.outcome = "planned"
     report.message = (f"plan: {_names(state.current)} -> {_names(script.get_heads())}"
                       f"{f' (stamping baseline {baseline} first)' if baseline else ''}, "
@@ -228,8 +229,8 @@ def _judge(state: revisions.State, report: Report) -> int:
     if state.kind == "legacy":
         raise PendingRevisions(f"the database has {len(state.tables)} tables but no version table: "
                                f"`upgrade` needs MIGRATE_BASELINE_REVISION")
-    described = ", ".join(f"{r.revision} ({r.doc})" for r in pending) if pending else "every revision (fresh)"
-    raise PendingRevisions(f"pending at {_names(state.current)}: {described}")
+    described = ", ".join(f"{r.revision} ({r.doc})" for r in pending)
+    raise PendingRevisions(f"{len(pending)} revisions pending at {_names(state.current)}: {described}")
 
 
 def _read_back_state(url: URL, settings: Settings, script: ScriptDirectory) -> revisions.State:

@@ -89,7 +89,9 @@ def database_state(connection: Connection, script: ScriptDirectory, *, version_t
     current = current_heads(connection, version_table=version_table, schema=schema)
     if not current:
         tables = [t for t in inspect(connection).get_table_names(schema=schema) if t != version_table]
-        return State(kind="legacy" if tables else "fresh", tables=sorted(tables))
+        if tables:
+            return State(kind="legacy", tables=sorted(tables))
+        return State(kind="fresh", pending=pending_revisions(script, ()))
     unknown = tuple(rev for rev in current if not _known(script, rev))
     if unknown:
         return State(kind="ahead", current=current, unknown=unknown)

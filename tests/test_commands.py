@@ -31,7 +31,7 @@ def test_check_on_fresh_pending_current_and_ahead(database_url, tmp_path):
     ini = make_project(tmp_path / "p", chain(3))
     fresh = run_runner(runner_env(database_url, ini), "check")
     assert fresh.returncode == 9 and fresh.last["outcome"] == "PendingRevisions", fresh
-    assert fresh.last["pending"] == [] and "every revision" in fresh.last["event"]
+    assert fresh.last["pending"] == ["r0001", "r0002", "r0003"] and "3 revisions pending at base" in fresh.last["event"]
 
     upgrade_to(database_url, tmp_path / "two", 2)
     pending = run_runner(runner_env(database_url, ini), "check")
