@@ -191,10 +191,12 @@ def advisory_lock(url: URL, key: int | None, timeout: float, *, schema: str | No
         try:
             retrying(try_lock)
         except tenacity.RetryError:
-            who = describe_holders(holders(connection, key))
+            rows = holders(connection, key)
+            pids = ", ".join(str(row["pid"]) for row in rows) or "<pid>"
             raise LockTimeout(
-                f"lock {key} not acquired within {timeout:g}s (MIGRATE_LOCK_TIMEOUT); held by {who}; "
-                f"to end that session: SELECT pg_terminate_backend(<pid>);") from None
+                f"lock {key} not acquired within {timeout:g}s (MIGRATE_LOCK_TIMEOUT); held by "
+                f"{describe_holders(rows)}; if that session is stuck, end it with: "
+                f"SELECT pg_terminate_backend({pids});") from None
         lock = Lock(key=key, connection=connection, pid=pid, waited=time.monotonic() - started)
         _refuse_transaction_pooling(lock, engine)
         _wait_for_fence(connection, lock.fence, max(1.0, timeout - lock.waited), sleep)

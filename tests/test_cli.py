@@ -345,8 +345,10 @@ def test_lock_timeout_exits_4_naming_the_holder(database_url, project, postgres,
         key = _derived_key(database)
         holder.execute("SELECT pg_advisory_lock(%s)", (key,))
         result = run_runner(runner_env(database_url, project, MIGRATE_LOCK_TIMEOUT="2"))
+        holder_pid = holder.info.backend_pid
     assert result.returncode == 4, result
     event = result.last["event"]
+    assert f"SELECT pg_terminate_backend({holder_pid})" in event
     assert "someone-else" in event and "MIGRATE_LOCK_TIMEOUT" in event and "pg_terminate_backend" in event
     assert any("waiting for lock" in e and "someone-else" in e for e in result.events())
     assert version_rows(database_url) == []
