@@ -34,10 +34,17 @@ def load_config(path: Path, url: URL | None = None) -> Config:
 
 
 def load_scripts(config: Config) -> ScriptDirectory:
+    """The script directory with every revision file loaded, so a broken one is a config error here."""
     try:
-        return ScriptDirectory.from_config(config)
+        script = ScriptDirectory.from_config(config)
     except CommandError as e:
         raise ConfigError(f"ALEMBIC_CONFIG: {config.config_file_name}: {e}") from None
+    try:
+        script.revision_map.heads
+    except Exception as e:  # a revision file that does not import, a duplicate id, a cycle
+        raise ConfigError(f"cannot load the migration scripts in {script.dir}: {type(e).__name__}: "
+                          f"{str(e).splitlines()[0] if str(e) else ''}") from None
+    return script
 
 
 def check_single_head(script: ScriptDirectory) -> tuple[str, ...]:

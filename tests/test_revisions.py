@@ -86,3 +86,14 @@ def test_legacy_refusal_names_tables_and_the_variable(tmp_path):
     with pytest.raises(LegacyDatabase, match="nope"):
         refuse_legacy(state, "nope", script)
     assert refuse_legacy(state, "r0001", script) == "r0001"
+
+
+@pytest.mark.parametrize("source, words", [
+    ("revision = 'x'\ndown_revision = None\ndef upgrade(:\n", "SyntaxError"),
+    ("import no_such_module_here\n", "ModuleNotFoundError"),
+])
+def test_a_broken_revision_file_is_a_config_error(tmp_path, source, words):
+    ini = make_project(tmp_path / "p", chain(1))
+    (tmp_path / "p" / "migrations" / "versions" / "broken.py").write_text(source)
+    with pytest.raises(ConfigError, match=words):
+        load_scripts(load_config(ini))
