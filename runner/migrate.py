@@ -255,8 +255,8 @@ def _terminate(lock: Lock, pids: list[int]) -> None:
 
     try:
         url = lock.connection.engine.url
-        conninfo = url.set(drivername="postgresql").render_as_string(hide_password=False)
-        with psycopg.connect(conninfo, autocommit=True, connect_timeout=3) as conn:
+        params = {**url.query, **url.translate_connect_args(username="user", database="dbname"), "connect_timeout": 3}
+        with psycopg.connect(autocommit=True, **params) as conn:
             for group in (pids, [lock.pid]):
                 if not group:
                     continue
@@ -266,8 +266,8 @@ def _terminate(lock: Lock, pids: list[int]) -> None:
                         "SELECT count(*) FROM pg_stat_activity WHERE pid = ANY (%s)", (group,)).fetchone()[0]:
                     time.sleep(0.1)
     except Exception as e:
-        logger.warning("could not end this runner's sessions on the server (%s): the server ends them when it "
-                       "notices the connection is gone", type(e).__name__)
+        logger.warning("could not end this runner's sessions on the server (%s: %s): the server ends them "
+                       "when it notices the connection is gone", type(e).__name__, str(e).strip())
 
 
 def upgrade_retrying(engine: Engine, config: Config, script: ScriptDirectory, progress: Progress,

@@ -215,3 +215,108 @@ class Proxy:
             except OSError:
                 pass
             sock.close()
+
+
+class TlsTerminator:
+    """PostgreSQL's TLS handshake on 127.0.0.1, forwarding the decrypted protocol to a plain server.
+
+    The embedded server is built without SSL; the client side of `sslmode=verify-full`
+    (what the runner controls) sees a real certificate all the same: this answers
+    the SSLRequest with 'S', does the TLS handshake with the given certificate, and
+    forwards the rest. A GSSENCRequest is declined ('N'), as a server without GSSAPI does.
+    """
+
+    SSL_REQUEST, GSSENC_REQUEST = 80877103, 80877104
+
+    def __init__(self, target_host: str, target_port: int, certfile: str, keyfile: str) -> None:
+        import ssl
+
+        self.target = (target_host, target_port)
+        self._context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self._context.load_cert_chain(certfile, keyfile)
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.host, self.port = self._listener.getsockname()
+        self._stopping = threading.Event()
+        self._sockets: list[socket.socket] = []
+        self._thread = threading.Thread(target=self._accept_loop, daemon=True)
+
+    def __enter__(self) -> "TlsTerminator":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stopping.set()
+        try:
+            socket.create_connection((self.host, self.port), timeout=1).close()
+        except OSError:
+            pass
+        self._thread.join(5)
+        self._listener.close()
+        for sock in self._sockets:
+            try:
+                sock.close()
+            except OSError:
+                pass
+
+    def _accept_loop(self) -> None:
+        while not self._stopping.is_set():
+            client, _ = self._listener.accept()
+            if self._stopping.is_set():
+                client.close()
+                return
+            self._sockets.append(client)
+            threading.Thread(target=self._serve, args=(client,), daemon=True).start()
+
+    def _serve(self, client: socket.socket) -> None:
+        import ssl
+        import struct
+
+        try:
+            while True:
+                header = self._read(client, 8)
+                length, code = struct.unpack("!II", header)
+                if code == self.GSSENC_REQUEST:
+                    client.sendall(b"N")
+                    continue
+                break
+            server = socket.create_connection(self.target, timeout=5)
+            server.settimeout(None)
+            self._sockets.append(server)
+            if code == self.SSL_REQUEST:
+                client.sendall(b"S")
+                client = self._context.wrap_socket(client, server_side=True)
+                self._sockets.append(client)
+            else:
+                server.sendall(header + self._read(client, length - 8))
+        except (OSError, ssl.SSLError, struct.error):
+            client.close()
+            return
+        threading.Thread(target=self._pipe, args=(server, client), daemon=True).start()
+        self._pipe(client, server)
+
+    @staticmethod
+    def _read(sock: socket.socket, n: int) -> bytes:
+        data = b""
+        while len(data) < n:
+            chunk = sock.recv(n - len(data))
+            if not chunk:
+                raise OSError("closed")
+            data += chunk
+        return data
+
+    @staticmethod
+    def _pipe(source: socket.socket, sink: socket.socket) -> None:
+        try:
+            while True:
+                data = source.recv(65536)
+                if not data:
+                    break
+                sink.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for sock in (source, sink):
+                try:
+                    sock.close()
+                except OSError:
+                    pass
