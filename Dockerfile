@@ -5,7 +5,11 @@
 #   buildah bud -t migration-runner .
 #
 # Behind a TLS-intercepting proxy, hand the proxy's CA bundle to the builder
-# stage only (it is never copied into the final image):
+# stage only (it is never copied into the final image), either as a build
+# secret (Docker/BuildKit, buildah, podman):
+#   docker build --secret id=ca-bundle,src=/etc/ssl/certs/ca-certificates.crt \
+#       --build-arg SSL_CERT_FILE=/run/secrets/ca-bundle -t migration-runner .
+# or as a bind mount (buildah, podman):
 #   buildah bud -v /etc/ssl/certs/ca-certificates.crt:/run/host-ca.crt:ro \
 #       --build-arg SSL_CERT_FILE=/run/host-ca.crt -t migration-runner .
 # See docs/container.md.
@@ -18,8 +22,10 @@ ARG BASE_IMAGE=debian:trixie-slim
 # ---------------------------------------------------------------------------
 FROM ${BASE_IMAGE} AS builder
 
-# Optional CA bundle for corporate / TLS-intercepting proxies (builder only).
-# SSL_CERT_FILE is read by uv; PIP_CERT and REQUESTS_CA_BUNDLE by pip.
+# Optional CA bundle for corporate / TLS-intercepting proxies (builder only):
+# the path of a PEM bundle mounted into the build (the optional build secret
+# `ca-bundle` lands at /run/secrets/ca-bundle). SSL_CERT_FILE is read by uv
+# and, unless they are given, becomes PIP_CERT and REQUESTS_CA_BUNDLE for pip.
 # UV_NATIVE_TLS=true makes uv use the system trust store instead.
 ARG SSL_CERT_FILE=
 ARG PIP_CERT=
@@ -35,14 +41,20 @@ RUN DEBIAN_FRONTEND=noninteractive apt-get update \
 
 # uv must use the very interpreter the final stage has (Debian's
 # /usr/bin/python3): never download a managed Python.
+# SOURCE_DATE_EPOCH makes the bytecode hash-checked instead of mtime-checked:
+# layer copies do not keep sub-second mtimes, and a timestamp .pyc whose
+# source mtime moved is recompiled (or, on a read-only root, recompiled at
+# every start). It also makes the project's wheel reproducible.
 ENV UV_PYTHON=/usr/bin/python3 \
     UV_PYTHON_DOWNLOADS=never \
     UV_COMPILE_BYTECODE=1 \
+    SOURCE_DATE_EPOCH=315532800 \
     UV_LINK_MODE=copy \
     UV_NO_CACHE=1 \
     UV_PROJECT_ENVIRONMENT=/opt/venv
 
-RUN set -eu; \
+RUN --mount=type=secret,id=ca-bundle,required=false \
+    set -eu; \
     if [ -n "${SSL_CERT_FILE:-}" ]; then \
         export PIP_CERT="${PIP_CERT:-$SSL_CERT_FILE}" \
                REQUESTS_CA_BUNDLE="${REQUESTS_CA_BUNDLE:-$SSL_CERT_FILE}"; \
@@ -59,7 +71,8 @@ WORKDIR /src
 
 # Dependencies first (cached while only the project's code changes).
 COPY pyproject.toml uv.lock ./
-RUN set -eu; \
+RUN --mount=type=secret,id=ca-bundle,required=false \
+    set -eu; \
     [ -n "${SSL_CERT_FILE:-}" ] || unset SSL_CERT_FILE; \
     [ -n "${UV_NATIVE_TLS:-}" ] || unset UV_NATIVE_TLS; \
     uv sync --locked --no-dev --no-install-project --no-editable
@@ -75,7 +88,8 @@ assert psycopg.pq.__impl__ == 'binary', psycopg.pq.__impl__; \
 from sqlalchemy.util._has_cython import HAS_CYEXTENSION; assert HAS_CYEXTENSION, 'SQLAlchemy C extensions'"
 COPY README.md ./
 COPY runner/ ./runner/
-RUN set -eu; \
+RUN --mount=type=secret,id=ca-bundle,required=false \
+    set -eu; \
     [ -n "${SSL_CERT_FILE:-}" ] || unset SSL_CERT_FILE; \
     [ -n "${UV_NATIVE_TLS:-}" ] || unset UV_NATIVE_TLS; \
     uv sync --locked --no-dev --no-editable; \

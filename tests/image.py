@@ -244,24 +244,36 @@ def host_ca_bundle() -> Path | None:
 
 
 def build(tag: str, context: Path, dockerfile: Path | None = None,
-          build_args: dict[str, str] | None = None, timeout: float = 1800) -> subprocess.CompletedProcess:
-    """`buildah bud` with chroot isolation, never pulling; one new layer per stage."""
+          build_args: dict[str, str] | None = None, ca: str = "volume",
+          timeout: float = 1800) -> subprocess.CompletedProcess:
+    """`buildah bud` with chroot isolation, never pulling; one new layer per stage.
+
+    ca: how the host's CA bundle reaches the build, for a TLS-intercepting
+    egress: "volume" (`-v HOST:/run/host-ca.crt:ro --build-arg
+    SSL_CERT_FILE=/run/host-ca.crt`), "secret" (`--secret id=ca-bundle,...
+    --build-arg SSL_CERT_FILE=/run/secrets/ca-bundle`) or "none".
+    """
     args: list[str | os.PathLike] = ["bud", "--isolation", "chroot", "--pull=never", "--layers=false",
                                      "--network", "host", "-t", tag]
     if dockerfile is not None:
         args += ["-f", dockerfile]
-    ca = host_ca_bundle()
-    if ca is not None:
-        args += ["-v", f"{ca}:/run/host-ca.crt:ro", "--build-arg", "SSL_CERT_FILE=/run/host-ca.crt"]
+    bundle = host_ca_bundle()
+    if bundle is not None and ca == "volume":
+        args += ["-v", f"{bundle}:/run/host-ca.crt:ro", "--build-arg", "SSL_CERT_FILE=/run/host-ca.crt"]
+    elif bundle is not None and ca == "secret":
+        args += ["--secret", f"id=ca-bundle,src={bundle}", "--build-arg", "SSL_CERT_FILE=/run/secrets/ca-bundle"]
     for key, value in (build_args or {}).items():
         args += ["--build-arg", f"{key}={value}"]
     args.append(context)
-    return buildah(*args, timeout=timeout)
+    result = buildah(*args, timeout=timeout)
+    # Without a layer cache, an image replaced by this tag is of no further use.
+    buildah("rmi", "--prune", check=False, timeout=300)
+    return result
 
 
-def build_runner_image(tag: str = RUNNER_TAG) -> str:
+def build_runner_image(tag: str = RUNNER_TAG, ca: str = "volume") -> str:
     ensure_base_image()
-    build(tag, REPO, REPO / "Dockerfile")
+    build(tag, REPO, REPO / "Dockerfile", ca=ca)
     return tag
 
 
@@ -337,20 +349,32 @@ def read_only_rootfs(container: Container):
     """Make the container's root filesystem read-only for the runs inside.
 
     buildah run has no --read-only flag, but with vfs storage the container's
-    rootfs is a plain folder: bind-mount it onto itself and remount read-only,
-    so the process inside sees a read-only / (like `docker run --read-only`);
-    /tmp is given a tmpfs by the caller (`--mount type=tmpfs,destination=/tmp`).
+    rootfs is a plain folder: bind-mount it onto itself and remount that
+    read-only, so the process inside sees a read-only / (as with
+    `docker run --read-only`). Two places stay writable, both root-owned:
+    /run, a tmpfs (mode 0755), because buildah itself creates and removes
+    /run/.containerenv there and panics when it cannot; and /tmp, which the
+    caller mounts as a tmpfs (`--mount type=tmpfs,destination=/tmp`).
     """
     root = container.mountpoint
-    subprocess.run(["mount", "--bind", str(root), str(root)], check=True)
+    # buildah run bind-mounts its own files over these: they must exist.
+    for name in ("etc/hosts", "etc/resolv.conf", "etc/hostname"):
+        (root / name).touch(exist_ok=True)
+    mounted: list[Path] = []
     try:
+        subprocess.run(["mount", "--bind", str(root), str(root)], check=True)
+        mounted.append(root)
         subprocess.run(["mount", "-o", "remount,bind,ro", str(root)], check=True)
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "mode=0755,nosuid,nodev,size=1m", "tmpfs",
+                        str(root / "run")], check=True)
+        mounted.append(root / "run")
         yield root
     finally:
-        for _ in range(20):
-            if subprocess.run(["umount", str(root)], capture_output=True).returncode == 0:
-                break
-            time.sleep(0.25)
+        for path in reversed(mounted):
+            for _ in range(20):
+                if subprocess.run(["umount", str(path)], capture_output=True).returncode == 0:
+                    break
+                time.sleep(0.25)
 
 
 def descendants(pid: int) -> list[int]:
