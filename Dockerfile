@@ -120,15 +120,17 @@ LABEL org.opencontainers.image.title="migration-runner" \
       org.opencontainers.image.licenses="MIT" \
       org.opencontainers.image.base.name="debian:trixie-slim"
 
-# Like debian:*-slim itself keeps docs and man pages out, keep out the C
-# extension modules only CPython's own test suite loads (no .py files: the
-# package's postinst byte-compiles every .py it ships).
+# Like debian:*-slim itself keeps docs and man pages out, keep out what only
+# CPython's own test suite and the interactive help() use: the test C modules
+# by a dpkg exclude, and (after the install, since python3.13's postinst
+# byte-compiles every .py it ships) the test package and pydoc's topics.
 RUN printf '%s\n' \
         'path-exclude /usr/lib/python3*/lib-dynload/_test*' \
         'path-exclude /usr/lib/python3*/lib-dynload/_xxtestfuzz*' \
         > /etc/dpkg/dpkg.cfg.d/migration-runner-slim \
  && DEBIAN_FRONTEND=noninteractive apt-get update \
  && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends python3 \
+ && rm -rf /usr/lib/python3.*/test /usr/lib/python3.*/pydoc_data \
  && apt-get clean \
  && rm -rf /var/lib/apt/lists/* /var/cache/apt/* /var/log/apt/* /var/log/dpkg.log \
  && groupadd --gid "${GID}" migrate \
