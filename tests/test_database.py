@@ -17,11 +17,10 @@ def test_endpoint_names_host_and_port_without_credentials():
 
 
 def test_session_options_reach_libpq_through_the_environment(monkeypatch):
+    # Recorded as absent first, so teardown leaves the test process without them.
+    monkeypatch.delenv("PGAPPNAME", raising=False)
+    monkeypatch.delenv("PGOPTIONS", raising=False)
     monkeypatch.setattr(database, "_USER_PGOPTIONS", "-c search_path=app")
     database.set_session_options("my-app", statement_timeout=1500, lock_timeout=None)
-    try:
-        assert os.environ["PGAPPNAME"] == "my-app"
-        assert os.environ["PGOPTIONS"] == "-c search_path=app -c statement_timeout=1500"
-    finally:
-        monkeypatch.delenv("PGAPPNAME")
-        monkeypatch.delenv("PGOPTIONS")
+    assert os.environ["PGAPPNAME"] == "my-app"
+    assert os.environ["PGOPTIONS"] == "-c search_path=app -c statement_timeout=1500"
