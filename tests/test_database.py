@@ -17,9 +17,9 @@ def test_endpoint_names_host_and_port_without_credentials():
 
 
 def test_session_options_reach_libpq_through_the_environment(monkeypatch):
-    # Recorded as absent first, so teardown leaves the test process without them.
-    monkeypatch.delenv("PGAPPNAME", raising=False)
-    monkeypatch.delenv("PGOPTIONS", raising=False)
+    # setenv records the original (absent) value, so teardown removes what the code sets.
+    monkeypatch.setenv("PGAPPNAME", "")
+    monkeypatch.setenv("PGOPTIONS", "")
     monkeypatch.setattr(database, "_USER_PGOPTIONS", "-c search_path=app")
     database.set_session_options("my-app", statement_timeout=1500, lock_timeout=None)
     assert os.environ["PGAPPNAME"] == "my-app"
