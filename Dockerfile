@@ -77,8 +77,8 @@ RUN --mount=type=secret,id=ca-bundle,required=false \
     [ -n "${UV_NATIVE_TLS:-}" ] || unset UV_NATIVE_TLS; \
     uv sync --locked --no-dev --no-install-project --no-editable
 
-# Then the project itself, installed as a regular (non-editable) package.
-# Then trim what only a developer uses (keeps the image under 80 MB on top of
+# Then the project itself, installed as a regular (non-editable) package, and
+# a trim of what only a developer uses (keeps the image under 80 MB on top of
 # the base): debug symbols of the extension modules shipped unstripped
 # (SQLAlchemy's Cython modules, ~8 MB; already-stripped auditwheel/patchelf
 # libraries are left untouched), the test-suite helpers of SQLAlchemy and

@@ -8,6 +8,7 @@ except under CI=true, where they fail: CI must always run them.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -369,7 +370,7 @@ def test_derived_image_carries_the_example_project(example_image):
 def test_app_image_example_init_command_then_application(runner_image, database_url, tmp_path):
     """examples/app-image: the runner pip-installed into an application's own image."""
     (tmp_path / "Containerfile").write_text(PYTHON_STANDIN)
-    standin = "localhost/python-standin:test"
+    standin = f"localhost/python-standin:{hashlib.sha256(PYTHON_STANDIN.encode()).hexdigest()[:12]}"
     if not image.image_exists(standin):
         image.build(standin, tmp_path, tmp_path / "Containerfile")
     tag = "localhost/migration-runner-app-example:test"
