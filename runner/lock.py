@@ -124,10 +124,20 @@ class Lock:
             finally:
                 timer.cancel()
 
-    def held(self, grace: float = CHECK_GRACE) -> bool:
-        """Whether the server still shows this session holding the lock."""
+    def held(self, grace: float = CHECK_GRACE, *, ask_pg_locks: bool = False) -> bool:
+        """Whether this session still holds the lock.
+
+        A session-level advisory lock goes only with an unlock (the runner issues
+        none while migrating) or with its session, so the session answering with
+        its own backend pid proves the lock is held. That costs the server next to
+        nothing; pg_locks (`ask_pg_locks`) walks every lock of a migration holding
+        thousands, and contends with it for the lock manager.
+        """
         if self.lost:
             return False
+        if not ask_pg_locks:
+            rows = self.query("SELECT pg_backend_pid() = %(pid)s", {"pid": self.pid}, grace)
+            return bool(rows and rows[0][0])
         rows = self.query(_HELD, {"pid": self.pid, **_lock_ids(self.key)}, grace)
         return bool(rows and rows[0][0])
 
@@ -216,7 +226,7 @@ def _refuse_transaction_pooling(lock: Lock, engine) -> None:
     with engine.connect() as probe:
         shared = probe.execute(text("SELECT pg_backend_pid()")).scalar_one() == lock.pid
     same_backend = lock.connection.execute(text("SELECT pg_backend_pid()")).scalar_one() == lock.pid
-    if shared or not (same_backend and lock.held()):
+    if shared or not (same_backend and lock.held(ask_pg_locks=True)):
         raise ConfigError(
             "the advisory lock is not held by this session: the connection goes through a "
             "transaction-pooling proxy (e.g. PgBouncer pool_mode=transaction); point DATABASE_URL "

@@ -25,6 +25,8 @@ FATAL = {
     "root certificate file": "TLS verification failed: the CA file cannot be read (sslrootcert)",
     "sslmode value": "invalid sslmode",
     "invalid connection option": "invalid connection option in DATABASE_URL",
+    "invalid port number": "invalid port in DATABASE_URL",
+    "invalid integer value": "invalid number in DATABASE_URL",
     "invalid sslmode": "invalid sslmode",
     "server does not support SSL": "the server does not support SSL but sslmode requires it",
 }

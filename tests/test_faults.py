@@ -62,6 +62,14 @@ class Monitor:
         self._thread.join(10)
 
 
+def finish_all(procs: list, timeout: float = 300) -> list:
+    """Finish processes together: one waiting on a full output pipe must not stall the others."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(len(procs)) as pool:
+        return list(pool.map(lambda p: finish(p, timeout=timeout), procs))
+
+
 def no_locks_left(postgres: Postgres, database: str, timeout: float = 15) -> None:
     wait_for(lambda: advisory_locks(postgres, database) == [], timeout=timeout)
 
@@ -217,7 +225,7 @@ def test_fifty_runners_on_a_fresh_database_with_200_revisions(postgres, tmp_path
         with Monitor(postgres, database, fragment="CREATE TABLE") as monitor:
             begun = time.monotonic()
             procs = [start_runner(runner_env(url[database], ini, MIGRATE_LOCK_TIMEOUT="300")) for _ in range(50)]
-            results = [finish(p, timeout=300) for p in procs]
+            results = finish_all(procs)
             return time.monotonic() - begun, results, monitor
 
     # The same fifty processes on a database already at heads: what starting them costs on this machine.
@@ -256,7 +264,7 @@ op.execute("CREATE TABLE r_2 (id int)")
 ''')
     ini = make_project(tmp_path / "p", [chain(1)[0], concurrently, *chain(3)[2:]])
     procs = [start_runner(runner_env(database_url, ini, MIGRATE_LOCK_TIMEOUT="60")) for _ in range(5)]
-    results = [finish(p, timeout=90) for p in procs]
+    results = finish_all(procs, timeout=90)
     assert [r.returncode for r in results] == [0] * 5, [r for r in results if r.returncode][:2]
     assert_consistent(database_url, ["r0003"])
     (valid,), = postgres.execute("SELECT i.indisvalid FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid "
@@ -277,7 +285,7 @@ op.execute("SELECT pg_sleep(0.1)")
     ini = make_project(tmp_path / "p", [slow, *chain(2)[1:]])
     with Monitor(postgres, database, fragment="CREATE TABLE") as monitor:
         procs = [start_runner(runner_env(database_url, ini)) for _ in range(2)]
-        results = [finish(p, timeout=60) for p in procs]
+        results = finish_all(procs, timeout=60)
     # It kept its lock (the lock's session turned the timeout off) or noticed the loss and stopped.
     for result in results:
         assert result.returncode in (0, 3), result

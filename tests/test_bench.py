@@ -1,0 +1,21 @@
+"""The benchmark's quick mode runs end to end, so that it cannot rot. It asserts no timing."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from .conftest import ROOT
+
+
+@pytest.mark.slow
+def test_bench_quick_mode_runs_and_writes_its_report(tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "bench.py"), "--quick", "--output", str(tmp_path)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for case in ("no-op, 1000 revisions", "full upgrade, 1000 revisions", "10 runners at once"):
+        assert case in proc.stdout
+    report = (tmp_path / "benchmarks.md").read_text()
+    assert "| case |" in report and "## How it was measured" in report and "## Machine" in report
