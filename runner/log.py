@@ -58,15 +58,15 @@ class JsonFormatter(logging.Formatter):
             "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
             "level": record.levelname.lower(),
             "logger": record.name,
-            "event": record.getMessage(),
+            "event": redact(record.getMessage()),
         }
         for key, value in vars(record).items():
             if key not in self._standard and not key.startswith("_"):
-                entry[key] = value
+                entry[key] = _redact_values(value)
         if record.exc_info:
-            entry["exception"] = self.formatException(record.exc_info)
-        # Mask values only: a short secret must not corrupt the keys.
-        return json.dumps(_redact_values(json.loads(json.dumps(entry, default=str))))
+            entry["exception"] = redact(self.formatException(record.exc_info))
+        # Values only are masked: a short secret must not corrupt the keys.
+        return json.dumps(entry, default=lambda value: redact(str(value)))
 
 
 def _redact_values(value):
@@ -74,7 +74,7 @@ def _redact_values(value):
         return redact(value)
     if isinstance(value, dict):
         return {k: _redact_values(v) for k, v in value.items()}
-    if isinstance(value, list):
+    if isinstance(value, (list, tuple)):
         return [_redact_values(v) for v in value]
     return value
 

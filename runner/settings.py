@@ -118,6 +118,10 @@ def parse_url(raw: str, name: str = "DATABASE_URL") -> URL:
         raise ConfigError(f"{name}: unsupported scheme {url.drivername!r}; use postgresql:// (psycopg 3)")
     if not url.database:
         raise ConfigError(f"{name}: the URL names no database")
+    ports = [url.port] if url.port is not None else []
+    ports += [int(p) for p in str(url.query.get("port", "")).split(",") if p.strip().lstrip("-").isdigit()]
+    if any(not 0 < port < 65536 for port in ports):
+        raise ConfigError(f"{name}: the port must be between 1 and 65535")
     return url.set(drivername="postgresql+psycopg")
 
 
