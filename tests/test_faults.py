@@ -463,11 +463,12 @@ with connectable.connect() as connection:
 '''
 
 
-@pytest.mark.parametrize("phase", ["waiting for the database", "waiting for the lock", "stamping"])
-@pytest.mark.parametrize("signum", [signal.SIGKILL, signal.SIGTERM])
+# SIGTERM while waiting for the database or the lock is in test_cli already.
+@pytest.mark.parametrize("phase, signum", [
+    ("waiting for the database", signal.SIGKILL), ("waiting for the lock", signal.SIGKILL),
+    ("stamping", signal.SIGKILL), ("stamping", signal.SIGTERM),
+])
 def test_signal_in_each_phase(postgres, database, database_url, tmp_path, phase, signum):
-    if signum == signal.SIGTERM and phase in ("waiting for the database", "waiting for the lock"):
-        pytest.skip("in test_cli")
     from .test_cli import _derived_key
     ini = make_project(tmp_path / "p", chain(2))
     holder = None
