@@ -102,22 +102,17 @@ def wait(settings: Settings, report: Report) -> int:
             if fatal_reason(e):
                 raise DatabaseUnreachable(f"database {database.endpoint(url)} refused the connection: "
                                           f"{fatal_reason(e)}: {first_line(e)}") from None
-            raise DatabaseUnreachable(f"database {database.endpoint(url)} not reachable: {first_line(e)}") from None
-        described = (state.kind, state.current)
-        if described != last_logged[0]:
-            last_logged[0] = described
+            raise _NotUpYet(first_line(e)) from None
+        if (state.kind, state.current) != last_logged[0]:
+            last_logged[0] = (state.kind, state.current)
             _log_state(state)
         return _judge(state, report)
-
-    def transient(error: BaseException) -> bool:
-        return isinstance(error, PendingRevisions) or (
-            isinstance(error, DatabaseUnreachable) and "refused" not in str(error))
 
     retrying = tenacity.Retrying(
         stop=tenacity.stop_after_delay(settings.wait_timeout),
         # Capped at 1 s: an application pod should start within a second or two of the migration.
         wait=tenacity.wait_random_exponential(multiplier=0.1, max=1),
-        retry=tenacity.retry_if_exception(transient),
+        retry=tenacity.retry_if_exception_type((PendingRevisions, _NotUpYet)),
         reraise=True,
     )
     try:
@@ -125,6 +120,13 @@ def wait(settings: Settings, report: Report) -> int:
     except PendingRevisions as e:
         raise PendingRevisions(f"still not at heads after {settings.wait_timeout:g}s (MIGRATE_WAIT_TIMEOUT): "
                                f"{e}") from None
+    except _NotUpYet as e:
+        raise DatabaseUnreachable(f"database {database.endpoint(url)} not reachable after "
+                                  f"{settings.wait_timeout:g}s (MIGRATE_WAIT_TIMEOUT): {e}") from None
+
+
+class _NotUpYet(Exception):
+    """`wait`: the database did not answer this time; waiting may still cure it."""
 
 
 def plan(settings: Settings, report: Report, sql: bool = False) -> int:
