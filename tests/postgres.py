@@ -8,6 +8,7 @@ runs as the `pgserver` system user, which pgserver's own helpers create.
 
 from __future__ import annotations
 
+import atexit
 import os
 import pwd
 import shutil
@@ -98,6 +99,8 @@ class Postgres:
             self.log.touch(exist_ok=True)
             os.chown(self.log, *_ids())
         self._run("pg_ctl", "-D", str(self.data), "-o", options, "-l", str(self.log), "-w", "-t", "60", "start")
+        # A script that dies before its own cleanup must not leave a server running.
+        atexit.register(self.destroy)
         return self
 
     def stop(self, mode: str = "fast") -> None:
@@ -108,8 +111,9 @@ class Postgres:
         self.start()
 
     def destroy(self) -> None:
-        self.stop("immediate")
-        shutil.rmtree(self.base, ignore_errors=True)
+        if self.base.exists():
+            self.stop("immediate")
+            shutil.rmtree(self.base, ignore_errors=True)
 
     # -- access ------------------------------------------------------------
     def url(self, database: str = "postgres", user: str = SUPERUSER, password: str = SUPERUSER_PASSWORD,
