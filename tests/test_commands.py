@@ -173,22 +173,30 @@ def scenario(name: str, tmp_path: Path, url: str) -> tuple[dict, tuple[str, ...]
         return runner_env(f"postgresql://u:pw@127.0.0.1:{free_port()}/db", ini, MIGRATE_WAIT_TIMEOUT="1"), ()
     if name == "configuration":
         return runner_env(url, ini, MIGRATE_LOCK_TIMEOUT="never"), ()
+    if name == "pending":
+        return runner_env(url, ini), ("check",)
+    if name == "lock timeout":
+        return runner_env(url, ini, MIGRATE_LOCK_KEY="77", MIGRATE_LOCK_TIMEOUT="1"), ()
     return runner_env(url, ini), ()
 
 
 @pytest.mark.parametrize("name, code, outcome", [
     ("success", 0, "upgraded"), ("configuration", 2, "ConfigError"), ("unreachable", 3, "DatabaseUnreachable"),
     ("two heads", 5, "MultipleHeads"), ("legacy", 6, "LegacyDatabase"), ("failing revision", 7, "RevisionFailed"),
-    ("ahead", 8, "DatabaseAhead"),
+    ("ahead", 8, "DatabaseAhead"), ("lock timeout", 4, "LockTimeout"), ("pending", 9, "PendingRevisions"),
 ])
 def test_termination_log_records_the_outcome(database_url, tmp_path, name, code, outcome):
     env, args = scenario(name, tmp_path, database_url)
     log_file = tmp_path / "termination-log"
     env["MIGRATE_TERMINATION_LOG"] = str(log_file)
-    result = run_runner(env, *args)
+    with psycopg.connect(database_url, autocommit=True) as holder:
+        if name == "lock timeout":
+            holder.execute("SELECT pg_advisory_lock(77)")
+        result = run_runner(env, *args)
     assert result.returncode == code, result
     written = json.loads(log_file.read_text())
-    assert written["exit_code"] == code and written["outcome"] == outcome and written["command"] == "upgrade"
+    assert written["exit_code"] == code and written["outcome"] == outcome
+    assert written["command"] == (args[0] if args else "upgrade")
     assert {"from_revision", "to_revision", "applied", "lock_wait", "duration", "message"} <= set(written)
     assert result.last["outcome"] == outcome and result.last["exit_code"] == code
     assert RUNNER_PASSWORD not in log_file.read_text()
