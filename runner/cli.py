@@ -11,7 +11,7 @@ import signal
 import sys
 from pathlib import Path
 
-from . import __version__, log
+from . import log, package_version
 from .commands import COMMANDS
 from .errors import EXIT_BUG, Interrupted, RunnerError, markdown_table
 from .report import Report, emit
@@ -28,6 +28,12 @@ HELP = {
 }
 
 
+class _Version(argparse.Action):
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(f"{parser.prog} {package_version()}")
+        parser.exit()
+
+
 def _raise_interrupted(signum, frame):
     raise Interrupted(signum)
 
@@ -40,7 +46,7 @@ def parser() -> argparse.ArgumentParser:
         epilog=f"environment variables (name, default, meaning):\n{env_help}\n\nexit codes:\n{markdown_table()}",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    p.add_argument("--version", action=_Version, nargs=0, help="print the version and exit")
     commands = p.add_subparsers(dest="command", metavar="{" + ",".join(COMMANDS) + "}",
                                 title="commands (default: upgrade)")
     for name, text in HELP.items():

@@ -31,7 +31,8 @@ logger = logging.getLogger("runner")
 def upgrade(settings: Settings, report: Report) -> int:
     """Wait for the database, take the lock, check heads, stamp a baseline if asked, upgrade heads."""
     url, config, script = _scripts(settings)
-    check_interval = _connect(settings, url)
+    # The lock's session is the first to carry the session options: it reports a proxy refusing them.
+    check_interval = _connect(settings, url, probe=False)
 
     with advisory_lock(url, settings.lock_key, settings.lock_timeout, schema=settings.version_table_schema,
                        table=settings.version_table) as lock:
@@ -185,29 +186,26 @@ def _scripts(settings: Settings) -> tuple[URL, Config, ScriptDirectory]:
     return url, config, script
 
 
-def _connect(settings: Settings, url: URL) -> int | None:
+def _connect(settings: Settings, url: URL, probe: bool = True) -> int | None:
     """Wait for the database; returns client_connection_check_interval in ms, None where unsupported."""
     version = wait_for_database(url, settings.wait_timeout)
     check_interval = int(settings.connection_check_interval * 1000) if version >= 140000 else 0
     _session_options(settings, check_interval or None)
-    if check_interval:
+    if check_interval and probe:
         _probe_session_options(url)
     return check_interval or None
 
 
 def _probe_session_options(url: URL) -> None:
-    # PgBouncer refuses the `options` startup parameter unless told to ignore it.
+    # Commands without the lock: their first connection carrying the options is this one.
     engine = database.engine(url)
     try:
         with engine.connect():
             pass
     except DBAPIError as e:
-        if "unsupported startup parameter" not in str(e):
-            raise DatabaseUnreachable(f"database {database.endpoint(url)}: {first_line(e)}") from None
-        raise ConfigError(
-            "a proxy in front of PostgreSQL (PgBouncer?) refused the startup parameter `options` that carries "
-            "the runner's session settings; connect to PostgreSQL directly, or to a session-pooled port with "
-            "`ignore_startup_parameters = options`") from None
+        if database.rejected_options(e):
+            raise ConfigError(database.REJECTED_OPTIONS) from None
+        raise DatabaseUnreachable(f"database {database.endpoint(url)}: {first_line(e)}") from None
     finally:
         engine.dispose()
 

@@ -22,9 +22,11 @@ from typing import Iterator
 import tenacity
 from sqlalchemy import text
 from sqlalchemy.engine import URL, Connection
+from sqlalchemy.exc import DBAPIError
 
 from . import database
-from .errors import ConfigError, LockTimeout
+from .errors import ConfigError, DatabaseUnreachable, LockTimeout
+from .wait import first_line
 
 logger = logging.getLogger("runner.lock")
 
@@ -170,7 +172,13 @@ def advisory_lock(url: URL, key: int | None, timeout: float, *, schema: str | No
                   table: str = "alembic_version", sleep=time.sleep) -> Iterator[Lock]:
     """Hold the advisory lock for the body of the `with`; released on every exit path."""
     engine = database.engine(url)
-    connection = engine.connect().execution_options(isolation_level="AUTOCOMMIT")
+    try:
+        connection = engine.connect().execution_options(isolation_level="AUTOCOMMIT")
+    except DBAPIError as e:
+        engine.dispose()
+        if database.rejected_options(e):
+            raise ConfigError(database.REJECTED_OPTIONS) from None
+        raise DatabaseUnreachable(f"database {database.endpoint(url)}: {first_line(e)}") from None
     try:
         connection.execute(_KEEP_SESSION).all()
         key = resolve_key(connection, key, schema, table)
