@@ -23,7 +23,7 @@ from .errors import EXIT_OK, ConfigError, DatabaseUnreachable, PendingRevisions
 from .lock import advisory_lock
 from .report import Report
 from .settings import Settings
-from .wait import fatal_reason, first_line, wait_for_database
+from .wait import connection_error, fatal_reason, first_line, wait_for_database
 
 logger = logging.getLogger("runner")
 
@@ -203,9 +203,7 @@ def _probe_session_options(url: URL) -> None:
         with engine.connect():
             pass
     except DBAPIError as e:
-        if database.rejected_options(e):
-            raise ConfigError(database.REJECTED_OPTIONS) from None
-        raise DatabaseUnreachable(f"database {database.endpoint(url)}: {first_line(e)}") from None
+        raise connection_error(url, e) from None
     finally:
         engine.dispose()
 

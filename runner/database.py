@@ -58,17 +58,6 @@ def set_session_options(application_name: str, **settings: int) -> None:
         os.environ.pop("PGOPTIONS", None)
 
 
-def rejected_options(error: BaseException) -> bool:
-    """Whether a connection failed because a proxy (PgBouncer) refused the `options` startup parameter."""
-    return "unsupported startup parameter" in str(error)
-
-
-REJECTED_OPTIONS = (
-    "a proxy in front of PostgreSQL (PgBouncer?) refused the startup parameter `options` that carries "
-    "the runner's session settings; connect to PostgreSQL directly, or to a session-pooled port with "
-    "`ignore_startup_parameters = options`")
-
-
 def server_version(connection: Connection) -> int:
     """server_version_num, e.g. 160002."""
     return int(connection.exec_driver_sql("SHOW server_version_num").scalar_one())

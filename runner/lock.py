@@ -25,8 +25,8 @@ from sqlalchemy.engine import URL, Connection
 from sqlalchemy.exc import DBAPIError
 
 from . import database
-from .errors import ConfigError, DatabaseUnreachable, LockTimeout
-from .wait import first_line
+from .errors import ConfigError, LockTimeout
+from .wait import connection_error
 
 logger = logging.getLogger("runner.lock")
 
@@ -176,9 +176,7 @@ def advisory_lock(url: URL, key: int | None, timeout: float, *, schema: str | No
         connection = engine.connect().execution_options(isolation_level="AUTOCOMMIT")
     except DBAPIError as e:
         engine.dispose()
-        if database.rejected_options(e):
-            raise ConfigError(database.REJECTED_OPTIONS) from None
-        raise DatabaseUnreachable(f"database {database.endpoint(url)}: {first_line(e)}") from None
+        raise connection_error(url, e) from None
     try:
         connection.execute(_KEEP_SESSION).all()
         key = resolve_key(connection, key, schema, table)

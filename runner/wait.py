@@ -10,7 +10,7 @@ from sqlalchemy.engine import URL
 from sqlalchemy.exc import DBAPIError
 
 from . import database
-from .errors import DatabaseUnreachable
+from .errors import ConfigError, DatabaseUnreachable, RunnerError
 
 logger = logging.getLogger("runner.wait")
 
@@ -48,6 +48,17 @@ def first_line(error: BaseException) -> str:
         if marker in text:
             return " ".join(text[text.index(marker):].split())
     return text.removeprefix("connection failed: ")
+
+
+def connection_error(url: URL, error: BaseException) -> RunnerError:
+    """A connection that failed after the wait: a proxy refusing our session options, or the database."""
+    # PgBouncer refuses the `options` startup parameter unless told to ignore it.
+    if "unsupported startup parameter" in str(error):
+        return ConfigError(
+            "a proxy in front of PostgreSQL (PgBouncer?) refused the startup parameter `options` that carries "
+            "the runner's session settings; connect to PostgreSQL directly, or to a session-pooled port with "
+            "`ignore_startup_parameters = options`")
+    return DatabaseUnreachable(f"database {database.endpoint(url)}: {first_line(error)}")
 
 
 def wait_for_database(url: URL, timeout: float, sleep=time.sleep) -> int:
