@@ -73,7 +73,6 @@ def upgrade(settings: Settings, report: Report) -> int:
         finally:
             report.applied = progress.applied
             config.attributes.pop("connection", None)
-            engine.dispose()
         report.to_revision = read_state().current
     report.outcome = "upgraded"
     report.message = (f"upgraded: {_names(report.from_revision)} -> {_names(report.to_revision)}, "
@@ -198,14 +197,11 @@ def _connect(settings: Settings, url: URL, probe: bool = True) -> int | None:
 
 def _probe_session_options(url: URL) -> None:
     # Commands without the lock: their first connection carrying the options is this one.
-    engine = database.engine(url)
     try:
-        with engine.connect():
+        with database.engine(url).connect():
             pass
     except DBAPIError as e:
         raise connection_error(url, e) from None
-    finally:
-        engine.dispose()
 
 
 def _session_options(settings: Settings, check_interval: int | None, **timeouts: int | None) -> None:
@@ -233,24 +229,16 @@ def _judge(state: revisions.State, report: Report) -> int:
 
 def _read_back_state(url: URL, settings: Settings, script: ScriptDirectory) -> revisions.State:
     """The database's state, read on a short connection of its own (no lock, read only)."""
-    engine = database.engine(url)
-    try:
-        with engine.connect() as connection:
-            return revisions.database_state(connection, script, version_table=settings.version_table,
-                                            schema=settings.version_table_schema)
-    finally:
-        engine.dispose()
+    with database.engine(url).connect() as connection:
+        return revisions.database_state(connection, script, version_table=settings.version_table,
+                                        schema=settings.version_table_schema)
 
 
 def _read_back(url: URL, settings: Settings) -> tuple[str, ...]:
     """The revisions the database is at, read on a new connection after a failure."""
-    engine = database.engine(url)
-    try:
-        with engine.connect() as connection:
-            return revisions.current_heads(connection, version_table=settings.version_table,
-                                           schema=settings.version_table_schema)
-    finally:
-        engine.dispose()
+    with database.engine(url).connect() as connection:
+        return revisions.current_heads(connection, version_table=settings.version_table,
+                                       schema=settings.version_table_schema)
 
 
 def _print_sql(config: Config, start: tuple[str, ...], baseline: str | None) -> None:

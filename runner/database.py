@@ -7,6 +7,7 @@ itself carry them too.
 
 from __future__ import annotations
 
+import functools
 import os
 
 from sqlalchemy import create_engine, pool
@@ -42,8 +43,12 @@ def endpoint(url: URL) -> str:
     return f"{host}:{port}"
 
 
+@functools.cache
 def engine(url: URL) -> Engine:
-    """An engine that opens a new connection each time (no pool to go stale)."""
+    """The process's one engine for `url`: a new connection each time (no pool to go stale).
+
+    Shared so that SQLAlchemy sets its dialect up from the server once, not once per step.
+    """
     return create_engine(url, poolclass=pool.NullPool)
 
 

@@ -175,7 +175,6 @@ def advisory_lock(url: URL, key: int | None, timeout: float, *, schema: str | No
     try:
         connection = engine.connect().execution_options(isolation_level="AUTOCOMMIT")
     except DBAPIError as e:
-        engine.dispose()
         raise connection_error(url, e) from None
     try:
         connection.execute(_KEEP_SESSION).all()
@@ -221,7 +220,6 @@ def advisory_lock(url: URL, key: int | None, timeout: float, *, schema: str | No
         yield lock
     finally:
         _release(connection, key if isinstance(key, int) else None)
-        engine.dispose()
 
 
 def _refuse_transaction_pooling(lock: Lock, engine) -> None:

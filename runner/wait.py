@@ -93,8 +93,6 @@ def wait_for_database(url: URL, timeout: float, sleep=time.sleep) -> int:
             raise DatabaseUnreachable(f"database {where} refused the connection: {reason}: {first_line(e)}") from None
         raise DatabaseUnreachable(
             f"database {where} not reachable after {timeout:g}s (MIGRATE_WAIT_TIMEOUT): {first_line(e)}") from None
-    finally:
-        engine.dispose()
     logger.info("database %s is up (PostgreSQL %d.%d)", where, version // 10000, version % 10000,
                 extra={"server_version": version})
     return version
