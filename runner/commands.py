@@ -23,7 +23,7 @@ from .errors import EXIT_OK, ConfigError, DatabaseUnreachable, PendingRevisions
 from .lock import advisory_lock
 from .report import Report
 from .settings import Settings
-from .wait import connection_error, fatal_reason, first_line, wait_for_database
+from .wait import connection_error, fatal_reason, first_line, first_login, wait_for_database
 
 logger = logging.getLogger("runner")
 
@@ -31,11 +31,14 @@ logger = logging.getLogger("runner")
 def upgrade(settings: Settings, report: Report) -> int:
     """Wait for the database, take the lock, check heads, stamp a baseline if asked, upgrade heads."""
     url, config, script = _scripts(settings)
+    version, first_session = first_login(url, settings.wait_timeout)
+    check_interval = _check_interval(settings, version)
     # The lock's session is the first to carry the session options: it reports a proxy refusing them.
-    check_interval = _connect(settings, url, probe=False)
+    _session_options(settings, check_interval)
 
+    # The wait's session, still open, serves the lock as the second session that tells a transaction pooler.
     with advisory_lock(url, settings.lock_key, settings.lock_timeout, schema=settings.version_table_schema,
-                       table=settings.version_table) as lock:
+                       table=settings.version_table, second_session=first_session) as lock:
         report.lock_wait = lock.waited
         # Timeouts for migration sessions only: the lock wait above must not be cut short by them.
         _session_options(settings, check_interval, statement_timeout=_ms(settings.statement_timeout),
@@ -185,14 +188,17 @@ def _scripts(settings: Settings) -> tuple[URL, Config, ScriptDirectory]:
     return url, config, script
 
 
-def _connect(settings: Settings, url: URL, probe: bool = True) -> int | None:
-    """Wait for the database; returns client_connection_check_interval in ms, None where unsupported."""
-    version = wait_for_database(url, settings.wait_timeout)
-    check_interval = int(settings.connection_check_interval * 1000) if version >= 140000 else 0
-    _session_options(settings, check_interval or None)
-    if check_interval and probe:
+def _connect(settings: Settings, url: URL) -> None:
+    """Wait for the database, then set the session options every later connection carries."""
+    check_interval = _check_interval(settings, wait_for_database(url, settings.wait_timeout))
+    _session_options(settings, check_interval)
+    if check_interval:
         _probe_session_options(url)
-    return check_interval or None
+
+
+def _check_interval(settings: Settings, server_version: int) -> int | None:
+    """client_connection_check_interval in ms; None before PostgreSQL 14, which lacks it."""
+    return int(settings.connection_check_interval * 1000) or None if server_version >= 140000 else None
 
 
 def _probe_session_options(url: URL) -> None:

@@ -169,12 +169,26 @@ def resolve_key(connection: Connection, key: int | None, schema: str | None, tab
 
 @contextmanager
 def advisory_lock(url: URL, key: int | None, timeout: float, *, schema: str | None = None,
-                  table: str = "alembic_version", sleep=time.sleep) -> Iterator[Lock]:
-    """Hold the advisory lock for the body of the `with`; released on every exit path."""
+                  table: str = "alembic_version", sleep=time.sleep,
+                  second_session: Connection | None = None) -> Iterator[Lock]:
+    """Hold the advisory lock for the body of the `with`; released on every exit path.
+
+    `second_session`, an open connection to the same database, is closed here: if the lock
+    is free at once, it first serves to tell a transaction pooler (else a new one does), so
+    a runner that has to wait holds one connection, not two.
+    """
     engine = database.engine(url)
+    spare = [second_session]
+
+    def close_spare() -> None:
+        if spare[0] is not None:
+            spare[0].close()
+            spare[0] = None
+
     try:
         connection = engine.connect().execution_options(isolation_level="AUTOCOMMIT")
     except DBAPIError as e:
+        close_spare()
         raise connection_error(url, e) from None
     try:
         connection.execute(_KEEP_SESSION).all()
@@ -187,6 +201,7 @@ def advisory_lock(url: URL, key: int | None, timeout: float, *, schema: str | No
             return connection.execute(text("SELECT pg_try_advisory_lock(:key)"), {"key": key}).scalar_one()
 
         def report(state: tenacity.RetryCallState) -> None:
+            close_spare()
             rows = holders(connection, key)
             who = describe_holders(rows)
             waited = time.monotonic() - started
@@ -213,28 +228,40 @@ def advisory_lock(url: URL, key: int | None, timeout: float, *, schema: str | No
                 f"{describe_holders(rows)}; if that session is stuck, end it with: "
                 f"SELECT pg_terminate_backend({pids});") from None
         lock = Lock(key=key, connection=connection, pid=pid, waited=time.monotonic() - started)
-        _refuse_transaction_pooling(lock, engine)
+        _refuse_transaction_pooling(lock, engine, spare[0])
+        close_spare()
         _wait_for_fence(connection, lock.fence, max(1.0, timeout - lock.waited), sleep)
         lock.waited = time.monotonic() - started
         logger.info("lock %d acquired after %.1fs", key, lock.waited, extra={"lock_key": key, "lock_wait": round(lock.waited, 3)})
         yield lock
     finally:
+        close_spare()
         _release(connection, key if isinstance(key, int) else None)
 
 
-def _refuse_transaction_pooling(lock: Lock, engine) -> None:
+def _refuse_transaction_pooling(lock: Lock, engine, second_session: Connection | None) -> None:
     # Behind a transaction-mode pooler each statement may run on another
     # backend, and a session lock protects nothing: check it is really ours.
     # An idle pooler hands every client the same backend, so a second client
     # seeing our backend pid proves the sharing even without concurrent traffic.
-    with engine.connect() as probe:
-        shared = probe.execute(text("SELECT pg_backend_pid()")).scalar_one() == lock.pid
+    shared = _backend_pid(second_session, engine) == lock.pid
     same_backend = lock.connection.execute(text("SELECT pg_backend_pid()")).scalar_one() == lock.pid
     if shared or not (same_backend and lock.held(ask_pg_locks=True)):
         raise ConfigError(
             "the advisory lock is not held by this session: the connection goes through a "
             "transaction-pooling proxy (e.g. PgBouncer pool_mode=transaction); point DATABASE_URL "
             "at PostgreSQL directly or at a session-pooled port")
+
+
+def _backend_pid(session: Connection | None, engine) -> int:
+    """pg_backend_pid() as another client sees it: on `session`, or on a new one if it is gone."""
+    if session is not None:
+        try:
+            return session.execute(text("SELECT pg_backend_pid()")).scalar_one()
+        except DBAPIError:
+            pass  # ended meanwhile (an idle_session_timeout, say): a new session tells as well
+    with engine.connect() as probe:
+        return probe.execute(text("SELECT pg_backend_pid()")).scalar_one()
 
 
 def _wait_for_fence(connection: Connection, fence: int, timeout: float, sleep) -> None:

@@ -6,7 +6,7 @@ import logging
 import time
 
 import tenacity
-from sqlalchemy.engine import URL
+from sqlalchemy.engine import URL, Connection
 from sqlalchemy.exc import DBAPIError
 
 from . import database
@@ -63,12 +63,26 @@ def connection_error(url: URL, error: BaseException) -> RunnerError:
 
 def wait_for_database(url: URL, timeout: float, sleep=time.sleep) -> int:
     """Connect until a login succeeds or `timeout` seconds pass; returns server_version_num."""
+    version, session = first_login(url, timeout, sleep)
+    session.close()
+    return version
+
+
+def first_login(url: URL, timeout: float, sleep=time.sleep) -> tuple[int, Connection]:
+    """`wait_for_database`, keeping the session that logged in open (no transaction): the caller closes it."""
     where = database.endpoint(url)
     engine = database.engine(url)
 
-    def attempt() -> int:
-        with engine.connect() as connection:
-            return database.server_version(connection)
+    def attempt() -> tuple[int, Connection]:
+        connection = engine.connect()
+        try:
+            version = database.server_version(connection)
+            # Idle outside a transaction: a transaction-pooling proxy must not pin a backend to it.
+            connection.rollback()
+        except BaseException:
+            connection.close()
+            raise
+        return version, connection
 
     def log_retry(state: tenacity.RetryCallState) -> None:
         logger.info(
@@ -86,7 +100,7 @@ def wait_for_database(url: URL, timeout: float, sleep=time.sleep) -> int:
         reraise=True,
     )
     try:
-        version = retrying(attempt)
+        version, session = retrying(attempt)
     except DBAPIError as e:
         reason = fatal_reason(e)
         if reason:
@@ -95,4 +109,4 @@ def wait_for_database(url: URL, timeout: float, sleep=time.sleep) -> int:
             f"database {where} not reachable after {timeout:g}s (MIGRATE_WAIT_TIMEOUT): {first_line(e)}") from None
     logger.info("database %s is up (PostgreSQL %d.%d)", where, version // 10000, version % 10000,
                 extra={"server_version": version})
-    return version
+    return version, session

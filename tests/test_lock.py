@@ -4,6 +4,7 @@ import psycopg
 import pytest
 from sqlalchemy.engine import make_url
 
+from runner import database as runner_database
 from runner.errors import LockTimeout
 from runner.lock import advisory_lock, derive_key, holders
 
@@ -64,3 +65,48 @@ def test_a_lost_lock_session_is_noticed(database_url, postgres):
         postgres.execute("SELECT pg_terminate_backend(%s)", params=(lock.pid,))
         with pytest.raises(Exception):
             lock.held()
+
+
+def engine_of(database_url: str):
+    return runner_database.engine(url(database_url))
+
+
+def _session_pid(connection) -> int:
+    pid = connection.exec_driver_sql("SELECT pg_backend_pid()").scalar_one()
+    connection.rollback()
+    return pid
+
+
+def test_a_second_session_given_is_used_for_the_pooler_check_then_closed(database_url, postgres):
+    second = engine_of(database_url).connect()
+    second_pid = _session_pid(second)
+    with advisory_lock(url(database_url), 21, timeout=5, second_session=second) as lock:
+        assert second.closed and lock.held()
+        alive = {row[0] for row in postgres.execute("SELECT pid FROM pg_stat_activity")}
+    assert second_pid not in alive and lock.pid in alive
+
+
+def test_a_waiter_closes_the_second_session_before_it_waits(database_url, postgres):
+    second = engine_of(database_url).connect()
+    second_pid = _session_pid(second)
+    seen = []
+
+    def sleep(seconds: float) -> None:
+        seen.append({row[0] for row in postgres.execute("SELECT pid FROM pg_stat_activity")})
+
+    with psycopg.connect(database_url, autocommit=True) as other:
+        other.execute("SELECT pg_advisory_lock(22)")
+        with pytest.raises(LockTimeout):
+            with advisory_lock(url(database_url), 22, timeout=0.3, sleep=sleep, second_session=second):
+                pass
+    assert seen and all(second_pid not in alive for alive in seen) and second.closed
+
+
+
+def test_a_second_session_ended_meanwhile_is_replaced_by_a_new_one(database_url, postgres, database):
+    second = engine_of(database_url).connect()
+    postgres.execute("SELECT pg_terminate_backend(%s)", params=(_session_pid(second),))
+    with advisory_lock(url(database_url), 23, timeout=5, second_session=second) as lock:
+        assert lock.held() and second.closed
+        assert [row[0] for row in advisory_locks(postgres, database)] == [lock.pid]
+    assert advisory_locks(postgres, database) == []
