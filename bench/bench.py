@@ -14,6 +14,7 @@ No timing is asserted: this measures, it does not judge.
 from __future__ import annotations
 
 import argparse
+import compileall
 import os
 import platform
 import shutil
@@ -37,8 +38,8 @@ ALEMBIC = shutil.which("alembic", path=str(BIN)) or "alembic"
 
 
 class Run:
-    def __init__(self, seconds: float, maxrss_kib: int, returncode: int) -> None:
-        self.seconds, self.maxrss_kib, self.returncode = seconds, maxrss_kib, returncode
+    def __init__(self, seconds: float, maxrss_kib: int, returncode: int, cpu: float = 0.0) -> None:
+        self.seconds, self.maxrss_kib, self.returncode, self.cpu = seconds, maxrss_kib, returncode, cpu
 
 
 def spawn(tool: str, ini: Path, url: str) -> subprocess.Popen:
@@ -65,7 +66,7 @@ def reap(proc: subprocess.Popen, started: float) -> Run:
     proc.log.close()
     if proc.returncode:
         raise SystemExit(f"{proc.args[0]} exited {proc.returncode}:\n{err[-3000:]}")
-    return Run(seconds, usage.ru_maxrss, proc.returncode)
+    return Run(seconds, usage.ru_maxrss, proc.returncode, usage.ru_utime + usage.ru_stime)
 
 
 def run(tool: str, ini: Path, url: str) -> Run:
@@ -82,6 +83,8 @@ def run_many(tool: str, ini: Path, url: str, n: int) -> tuple[float, int]:
 
 
 # env.py reads the URL from `-x url=...` for bare alembic; the runner sets sqlalchemy.url itself.
+NO_OP_RUNS = 4  # no-op runs per repetition
+
 ENV_PATCH = '''
 _x_url = context.get_x_argument(as_dictionary=True).get("url")
 if _x_url:
@@ -122,6 +125,10 @@ def main() -> None:
             return server.url(name)
 
         projects = {n: project(work, n) for n in (1, 200, 1000)}
+        # Both tools from bytecode, as installed in an image: an editable checkout would otherwise
+        # compile the runner's modules in every process when PYTHONDONTWRITEBYTECODE is set.
+        for tree in (ROOT / "runner", work):
+            compileall.compile_dir(str(tree), quiet=1)
         rows = []  # (label, revisions, runner runs, alembic runs)
 
         # No-op: the database is at heads already.
@@ -129,7 +136,8 @@ def main() -> None:
             url = fresh()
             run("runner", projects[n], url)
             samples = {"runner": [], "alembic": []}
-            for _ in range(repeat):
+            # A no-op costs half a second: more runs for a steadier median.
+            for _ in range(NO_OP_RUNS * repeat):
                 for tool in ("runner", "alembic"):
                     samples[tool].append(run(tool, projects[n], url if tool == "runner" else alembic_url(url)))
             rows.append((f"no-op, {n} revisions", n, "no-op", samples["runner"], samples["alembic"]))
@@ -146,14 +154,18 @@ def main() -> None:
             print(f"  measured {rows[-1][0]}", file=sys.stderr)
 
         # Many runners at once on a fresh database with 200 revisions, against one runner.
-        many, one = [], []
+        # The same many on a database already at heads: what starting that many processes costs here.
+        many, idle, one = [], [], []
         for _ in range(max(1, min(repeat, 3))):
             one.append(run("runner", projects[200], fresh()))
-            seconds, rss = run_many("runner", projects[200], fresh(), concurrent)
+            url = fresh()
+            seconds, rss = run_many("runner", projects[200], url, concurrent)
             many.append(Run(seconds, rss, 0))
+            seconds, rss = run_many("runner", projects[200], url, concurrent)
+            idle.append(Run(seconds, rss, 0))
         print(f"  measured {concurrent} concurrent runners", file=sys.stderr)
 
-        table = render(rows, many, one, concurrent, repeat)
+        table = render(rows, many, idle, one, concurrent, repeat)
         print(table)
         if output:
             output.mkdir(parents=True, exist_ok=True)
@@ -170,19 +182,25 @@ def med(runs: list[Run], attr: str = "seconds") -> float:
     return statistics.median(getattr(r, attr) for r in runs)
 
 
-def render(rows, many, one, concurrent, repeat) -> str:
-    lines = ["| case | runner (s) | alembic (s) | runner / alembic | runner peak RSS (MiB) | alembic peak RSS (MiB) |",
-             "|---|---:|---:|---:|---:|---:|"]
+def render(rows, many, idle, one, concurrent, repeat) -> str:
+    lines = ["| case | runner (s) | alembic (s) | runner / alembic | CPU time, runner / alembic "
+             "| runner peak RSS (MiB) | alembic peak RSS (MiB) |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
     for label, _, _, runner, alembic in rows:
         r, a = med(runner), med(alembic)
-        lines.append(f"| {label} | {r:.3f} | {a:.3f} | {r / a:.2f} | {med(runner, 'maxrss_kib') / 1024:.0f} | "
-                     f"{med(alembic, 'maxrss_kib') / 1024:.0f} |")
-    m, o = med(many), med(one)
+        lines.append(f"| {label} | {r:.3f} | {a:.3f} | {r / a:.2f} | {med(runner, 'cpu') / med(alembic, 'cpu'):.2f} | "
+                     f"{med(runner, 'maxrss_kib') / 1024:.0f} | {med(alembic, 'maxrss_kib') / 1024:.0f} |")
+    m, i, o = med(many), med(idle), med(one)
     lines.append(f"| {concurrent} runners at once vs one, 200 revisions (wall time until the last exits) | "
-                 f"{m:.3f} | — | {m / o:.2f} × one runner ({o:.3f} s) | {med(many, 'maxrss_kib') / 1024:.0f} "
+                 f"{m:.3f} | — | {m / o:.2f} × one runner ({o:.3f} s) | — | {med(many, 'maxrss_kib') / 1024:.0f} "
                  f"(largest) | — |")
+    lines.append(f"| {concurrent} runners at once on a database already at heads (starting {concurrent} "
+                 f"processes) | {i:.3f} | — | {i / o:.2f} × one runner | — | — | — |")
     lines.append("")
-    lines.append(f"Medians of {repeat} run(s) each; the concurrent case of {max(1, min(repeat, 3))}.")
+    runs = max(1, min(repeat, 3))
+    lines.append(f"Medians of {repeat} run(s) each, {NO_OP_RUNS * repeat} for the no-op cases, {runs} for the "
+                 f"concurrent ones. What the lock costs {concurrent} runners: {m:.1f} s − {i:.1f} s = {m - i:.1f} s "
+                 f"beyond starting them, against {o:.1f} s for one runner's upgrade.")
     return "\n".join(lines)
 
 
@@ -235,32 +253,42 @@ Generated by `python bench/bench.py` ({time.strftime('%Y-%m-%d')}). Re-run it to
   127.0.0.1, `fsync=off`; the same server and the same projects for both tools.
 - Projects: the `alembic init` generic template; revision *i* creates table `r_i`. For bare alembic the
   URL is passed with `alembic -x url=...` (a three-line addition to env.py); the runner sets it itself.
-- Each measurement is one process, from spawn to exit (wall time, `time.perf_counter`), with its peak
-  resident memory from `wait4` (`ru_maxrss`). Runner and alembic alternate, {repeat} times each; medians.
+- Each measurement is one process, from spawn to exit (wall time, `time.perf_counter`), with its CPU
+  time (user + system) and peak resident memory from `wait4`. Runner and alembic alternate, {repeat}
+  times each ({NO_OP_RUNS * repeat} for the no-op cases); medians. CPU time is the steadier of the two
+  ratios on a busy machine: it leaves out waiting for the server and for a core.
+- Both tools run from compiled bytecode, as in the image (`compileall` of the runner's package and the
+  projects first): with `PYTHONDONTWRITEBYTECODE` set, an editable checkout would otherwise compile the
+  runner's modules in every process (about 13 ms).
 - No-op: the database is already at the heads. Full upgrade: a new, empty database for every run.
 - Concurrency: {concurrent} runner processes started at once on a new database with 200 revisions, timed
-  until the last one exits, against one runner alone on another new database. Bare alembic has no lock,
-  so it is not run concurrently (it would apply revisions twice and fail).
-- What the runner does on top of alembic: one connection to wait for the database, one for the advisory
-  lock (held for the run), a read of the version table, and a watchdog thread on the lock's session.
+  until the last one exits, against one runner alone on another new database; then {concurrent} again on
+  that database, now at heads, which is what starting them costs. Bare alembic has no lock, so it is
+  not run concurrently (it would apply revisions twice and fail).
+- What the runner does on top of alembic: it reads its settings (pydantic-settings), checks the heads,
+  logs in once to wait for the database and keeps that session as the second one that tells a
+  transaction pooler, once more for the advisory lock (held for the run), reads the version table, and
+  follows the lock's session from a watchdog thread. On a no-op it runs no `env.py`.
 
 ## Against the targets
 
 The targets are a full upgrade within 5% of bare alembic and a no-op no slower than it: compare them
-with the ratios above. What the runner pays and what it saves, measured with `python -X importtime`,
-cProfile and timestamps of its own log lines (on the machine below):
+with the ratios above. Where the runner's time goes, from `python -X importtime` and cProfile:
 
-- It pays about 85 ms a process to import pydantic-settings (a required dependency: every setting is
-  read through its `BaseSettings`), and a few milliseconds for each of its extra sessions (waiting,
-  the lock's own session, the probes that refuse a transaction-pooling proxy), each a SCRAM login.
-- It saves about 0.13 s a process by not tearing the interpreter down after the run (the exit
-  handlers and flushes still run; every connection is closed and the lock released before), and on
-  a no-op it runs no `env.py` at all.
-- A full upgrade of 1000 revisions has measured 1.15× (about 0.35 s); switching the lock watchdog off
-  did not change it measurably, and single runs vary by ±0.4 s on this machine, so its cause is open.
-- Fifty runners at once: every process still has to start Python and import its stack (about 0.5 s of
-  CPU each) and two cores run them. Fifty processes already at the heads take about as long, so the
-  lock adds little; the 1.5× target of the issue is not reachable on two cores.
+- Importing pydantic-settings and building the settings class costs about 65 ms a process (a required
+  dependency: every setting is read through its `BaseSettings`); the runner's own modules about 7 ms.
+  That is about what it saves by running no `env.py` on a no-op, by setting SQLAlchemy's dialect up once
+  for all its sessions, and by not tearing the interpreter down after the run (exit handlers and
+  flushes still run; every connection is closed and the lock released before).
+- A full upgrade runs `env.py` as alembic does, so there nothing offsets those 65 ms, nor the runner's
+  extra logins (the lock's session, and the migration connection it offers env.py in
+  `config.attributes["connection"]`, which the generic template does not take): about 0.1 s of CPU
+  a process, a few percent of a 200-revision upgrade and about 1% of a 1000-revision one. Per
+  revision the runner adds one log line and the timing of the step; the lock's session is checked
+  every 0.2 s. Single runs of 1000 revisions vary by ±0.4 s on this machine: read the CPU ratio too.
+- Many runners at once: each process starts Python and imports its stack (about 0.5 s of CPU), and two
+  cores run them. The line "already at heads" is that cost alone; the lock itself adds about one
+  runner's upgrade to it. The issue's target of 1.5× one runner needs about as many cores as runners.
 
 ## Machine
 
