@@ -178,9 +178,12 @@ COMMANDS = {"upgrade": upgrade, "check": check, "wait": wait, "plan": plan, "hea
 
 # -- shared steps -----------------------------------------------------------------------
 def _scripts(settings: Settings) -> tuple[URL, Config, ScriptDirectory]:
+    """What every command starts from: the URL (its secrets masked), alembic's config and the scripts."""
     url = database.with_defaults(settings.url())
     log.add_secret(url.password)
     log.add_secret(url.query.get("password"))
+    # application_name from the first login on; the other options wait for the server's version.
+    _session_options(settings, None)
     config = revisions.load_config(settings.alembic_config, url)
     script = revisions.load_scripts(config)
     found = tuple(script.get_heads()) if settings.allow_multiple_heads else revisions.check_single_head(script)

@@ -93,6 +93,24 @@ def test_every_connection_carries_application_name_and_session_settings(database
     assert row == ("billing-migrate", "2s", "90s", "1500ms", "0")
 
 
+
+@pytest.mark.parametrize("command", ["upgrade", "check", "plan", "wait"])
+def test_every_login_carries_the_application_name_from_the_first(tmp_path, command):
+    # The server logs each login with its application_name: the first (the wait) included,
+    # so a runner stuck waiting for the lock is recognisable in pg_stat_activity from the start.
+    server = Postgres(settings={"log_connections": "on"}).start()
+    try:
+        server.create_database("named")
+        ini = make_project(tmp_path / "p", chain(2))
+        env = runner_env(server.url("named"), ini, MIGRATE_APPLICATION_NAME="named-runner", MIGRATE_WAIT_TIMEOUT="1")
+        result = run_runner(env, command)
+        assert result.returncode in (0, 9), result
+        logins = [line for line in server.log.read_text().splitlines()
+                  if "connection authorized" in line and "database=named" in line]
+    finally:
+        server.destroy()
+    assert logins and all("application_name=named-runner" in line for line in logins), logins
+
 # -- configuration errors: exit 2, no connection --------------------------------
 @pytest.mark.parametrize("variable, value, words", [
     ("MIGRATE_WAIT_TIMEOUT", "soon", "MIGRATE_WAIT_TIMEOUT"),
