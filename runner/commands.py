@@ -32,9 +32,8 @@ def upgrade(settings: Settings, report: Report) -> int:
     """Wait for the database, take the lock, check heads, stamp a baseline if asked, upgrade heads."""
     url, config, script = _scripts(settings)
     version, first_session = first_login(url, settings.wait_timeout)
-    check_interval = _check_interval(settings, version)
     # The lock's session is the first to carry the session options: it reports a proxy refusing them.
-    _session_options(settings, check_interval)
+    check_interval = _options_after_login(settings, version)
 
     # The wait's session, still open, serves the lock as the second session that tells a transaction pooler.
     with advisory_lock(url, settings.lock_key, settings.lock_timeout, schema=settings.version_table_schema,
@@ -193,15 +192,16 @@ def _scripts(settings: Settings) -> tuple[URL, Config, ScriptDirectory]:
 
 def _connect(settings: Settings, url: URL) -> None:
     """Wait for the database, then set the session options every later connection carries."""
-    check_interval = _check_interval(settings, wait_for_database(url, settings.wait_timeout))
-    _session_options(settings, check_interval)
-    if check_interval:
+    if _options_after_login(settings, wait_for_database(url, settings.wait_timeout)):
         _probe_session_options(url)
 
 
-def _check_interval(settings: Settings, server_version: int) -> int | None:
-    """client_connection_check_interval in ms; None before PostgreSQL 14, which lacks it."""
-    return int(settings.connection_check_interval * 1000) or None if server_version >= 140000 else None
+def _options_after_login(settings: Settings, server_version: int) -> int | None:
+    """Set the session options once the server's version is known; returns client_connection_check_interval
+    in ms, None before PostgreSQL 14, which lacks it."""
+    check_interval = int(settings.connection_check_interval * 1000) or None if server_version >= 140000 else None
+    _session_options(settings, check_interval)
+    return check_interval
 
 
 def _probe_session_options(url: URL) -> None:

@@ -178,12 +178,10 @@ def advisory_lock(url: URL, key: int | None, timeout: float, *, schema: str | No
     a runner that has to wait holds one connection, not two.
     """
     engine = database.engine(url)
-    spare = [second_session]
 
-    def close_spare() -> None:
-        if spare[0] is not None:
-            spare[0].close()
-            spare[0] = None
+    def close_spare() -> None:  # closing twice is harmless
+        if second_session is not None:
+            second_session.close()
 
     try:
         connection = engine.connect().execution_options(isolation_level="AUTOCOMMIT")
@@ -228,7 +226,7 @@ def advisory_lock(url: URL, key: int | None, timeout: float, *, schema: str | No
                 f"{describe_holders(rows)}; if that session is stuck, end it with: "
                 f"SELECT pg_terminate_backend({pids});") from None
         lock = Lock(key=key, connection=connection, pid=pid, waited=time.monotonic() - started)
-        _refuse_transaction_pooling(lock, engine, spare[0])
+        _refuse_transaction_pooling(lock, engine, second_session)
         close_spare()
         _wait_for_fence(connection, lock.fence, max(1.0, timeout - lock.waited), sleep)
         lock.waited = time.monotonic() - started
@@ -255,7 +253,7 @@ def _refuse_transaction_pooling(lock: Lock, engine, second_session: Connection |
 
 def _backend_pid(session: Connection | None, engine) -> int:
     """pg_backend_pid() as another client sees it: on `session`, or on a new one if it is gone."""
-    if session is not None:
+    if session is not None and not session.closed:
         try:
             return session.execute(text("SELECT pg_backend_pid()")).scalar_one()
         except DBAPIError:
