@@ -13,7 +13,8 @@ from pathlib import Path
 
 from . import log, package_version
 from .commands import COMMANDS
-from .errors import EXIT_BUG, Interrupted, RunnerError, markdown_table
+from .envpy import EarlyExit
+from .errors import EXIT_BUG, ConfigError, Interrupted, RunnerError, markdown_table
 from .report import Report, emit
 from .settings import Settings, variables
 
@@ -75,6 +76,10 @@ def main(argv: list[str] | None = None) -> int:
         code = run(settings, report)
     except RunnerError as e:
         report.outcome, report.message, code = type(e).__name__, str(e), e.exit_code
+    except SystemExit as e:
+        # Project code (a revision file loaded for the heads, say) called sys.exit: a failure like any other.
+        error = ConfigError(f"the project's code exited ({EarlyExit(e.code)}) before the runner finished")
+        report.outcome, report.message, code = type(error).__name__, str(error), error.exit_code
     except Interrupted as e:
         report.outcome, code = "interrupted", e.exit_code
         report.message = f"interrupted by {e}: stopped, rolled back, lock released"

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import functools
 import io
 import logging
 import sys
@@ -18,12 +19,12 @@ from alembic.script import ScriptDirectory
 from sqlalchemy.engine import URL
 from sqlalchemy.exc import DBAPIError
 
-from . import database, log, migrate, revisions
+from . import database, envpy, guard, log, migrate, revisions
 from .errors import EXIT_OK, ConfigError, DatabaseUnreachable, PendingRevisions
 from .lock import advisory_lock
 from .report import Report
 from .settings import Settings
-from .wait import connection_error, fatal_reason, first_line, first_login, wait_for_database
+from .wait import connection_error, fatal_reason, first_line, first_login, refusal, wait_for_database
 
 logger = logging.getLogger("runner")
 
@@ -42,69 +43,98 @@ def upgrade(settings: Settings, report: Report) -> int:
         # Timeouts for migration sessions only: the lock wait above must not be cut short by them.
         _session_options(settings, check_interval, statement_timeout=_ms(settings.statement_timeout),
                          lock_timeout=_ms(settings.ddl_lock_timeout))
-
-        def read_state() -> revisions.State:
-            return revisions.database_state(lock.connection, script, version_table=settings.version_table,
-                                            schema=settings.version_table_schema)
-
-        state = read_state()
-        report.from_revision = report.to_revision = state.current
-        _log_state(state)
-        if state.kind == "ahead":
-            revisions.refuse_ahead(state)
-        engine = database.engine(url)
         progress = migrate.Progress()
+
+        def read_back() -> tuple[str, ...]:
+            # On a new connection: after a failure the lock's session may be gone too.
+            with database.engine(url).connect() as connection:
+                return revisions.current_heads(connection, version_table=progress.state.table,
+                                               schema=progress.state.schema)
+
+        def decide(state: revisions.State) -> str | None:
+            report.from_revision = report.to_revision = state.current
+            _log_state(state)
+            if state.kind == "ahead":
+                revisions.refuse_ahead(state)
+            if state.kind != "legacy":
+                return None
+            baseline = revisions.refuse_legacy(state, settings.baseline_revision, script)
+            if baseline == "base":
+                logger.info("treating the legacy database as at base (MIGRATE_BASELINE_REVISION=base): every "
+                            "revision applies on top of its %d tables", len(state.tables), extra={"baseline": baseline})
+            else:
+                logger.info("stamping baseline %s on the legacy database", baseline, extra={"baseline": baseline})
+            return baseline
+
         try:
-            with migrate.guarded_by(lock) as watchdog:
-                if state.kind == "legacy":
-                    baseline = revisions.refuse_legacy(state, settings.baseline_revision, script)
-                    with engine.begin() as connection:
-                        config.attributes["connection"] = connection
-                        migrate.stamp(config, baseline)
-                    state = read_state()
-                    report.to_revision = state.current
-                if state.kind == "current":
-                    report.outcome = "current"
-                    report.message = f"already at heads: {_names(state.current)}"
-                    return EXIT_OK
-                migrate.upgrade_retrying(engine, config, script, progress, watchdog, retries=settings.ddl_lock_retries,
-                                         read_back=lambda: _read_back(url, settings))
+            with guard.guarded_by(lock) as watchdog:
+                migrate.upgrade_retrying(config, script, progress, watchdog, decide=decide,
+                                         retries=settings.ddl_lock_retries, read_back=read_back,
+                                         **_expected_version_table(settings))
+                if progress.state is None:
+                    raise revisions.NoMigrationsRun()
+            # Success is what the database says, read back, not what env.py returned.
+            reached = revisions.current_heads(lock.connection, version_table=progress.state.table,
+                                              schema=progress.state.schema)
         except Exception as e:
-            report.applied = progress.applied
-            raise migrate.explain_failure(e, progress, lambda: _read_back(url, settings)) from None
-        finally:
-            report.applied = progress.applied
-            config.attributes.pop("connection", None)
-        report.to_revision = read_state().current
+            if progress.state is None:
+                raise envpy.failure(e) from None
+            failure = migrate.explain_failure(e, progress, read_back)
+            _record_reached(report, script, progress.start, read_back)
+            raise failure from None
+        report.to_revision = reached
+        report.applied = revisions.applied_between(script, progress.start, reached)
+        missing = revisions.pending_revisions(script, reached)
+        if missing:
+            raise ConfigError(
+                f"env.py returned without reaching the heads: the database is at {_names(reached)}, "
+                f"{len(missing)} revisions not applied ({', '.join(r.revision for r in missing)}); does env.py "
+                f"commit (context.begin_transaction()) and call context.run_migrations() in online mode?")
+        if progress.state.kind == "current":
+            report.outcome = "current"
+            report.message = f"already at heads: {_names(reached)}"
+            return EXIT_OK
     report.outcome = "upgraded"
     report.message = (f"upgraded: {_names(report.from_revision)} -> {_names(report.to_revision)}, "
-                      f"{len(progress.applied)} revisions applied, lock wait {report.lock_wait:.1f}s, "
+                      f"{len(report.applied)} revisions applied, lock wait {report.lock_wait:.1f}s, "
                       f"total {time.monotonic() - report.started:.1f}s")
     return EXIT_OK
 
 
+def _record_reached(report: Report, script: ScriptDirectory, start: tuple[str, ...], read_back) -> None:
+    """After a failure: what the database is at and which revisions were committed, if it can be read."""
+    try:
+        reached = read_back()
+    except Exception:
+        return
+    report.to_revision = reached
+    report.applied = revisions.applied_between(script, start, reached)
+
+
 def check(settings: Settings, report: Report) -> int:
     """Exit 0 if the database is at the scripts' heads, 9 if revisions are pending, 8 if it is ahead."""
-    url, _, script = _scripts(settings)
+    url, config, script = _scripts(settings)
     _connect(settings, url)
-    state = _read_back_state(url, settings, script)
+    state = _read_state_or_fail(config, script, settings)
     _log_state(state)
     return _judge(state, report)
 
 
 def wait(settings: Settings, report: Report) -> int:
     """Repeat `check` with backoff until the database is at heads or MIGRATE_WAIT_TIMEOUT passes."""
-    url, _, script = _scripts(settings)
+    url, config, script = _scripts(settings)
     last_logged = [None]
 
     def attempt() -> int:
         try:
-            state = _read_back_state(url, settings, script)
-        except DBAPIError as e:
+            with database.tagged():
+                state = _read_state(config, script, settings)
+        except Exception as e:
             if fatal_reason(e):
-                raise DatabaseUnreachable(f"database {database.endpoint(url)} refused the connection: "
-                                          f"{fatal_reason(e)}: {first_line(e)}") from None
-            raise _NotUpYet(first_line(e)) from None
+                raise refusal(url, e) from None
+            if database.is_disconnect(e):
+                raise _NotUpYet(first_line(e)) from None
+            raise envpy.failure(e) from None
         if (state.kind, state.current) != last_logged[0]:
             last_logged[0] = (state.kind, state.current)
             _log_state(state)
@@ -135,7 +165,7 @@ def plan(settings: Settings, report: Report, sql: bool = False) -> int:
     """Say what `upgrade` would do from the database's current state; with sql, print the SQL. Changes nothing."""
     url, config, script = _scripts(settings)
     _connect(settings, url)
-    state = _read_back_state(url, settings, script)
+    state = _read_state_or_fail(config, script, settings)
     _log_state(state)
     report.from_revision = report.to_revision = state.current
     if state.kind == "ahead":
@@ -144,12 +174,15 @@ def plan(settings: Settings, report: Report, sql: bool = False) -> int:
     baseline = None
     if state.kind == "legacy":
         baseline = revisions.refuse_legacy(state, settings.baseline_revision, script)
-        logger.info("would stamp baseline %s on the legacy database (%d tables, no version table)",
-                    baseline, len(state.tables), extra={"baseline": baseline})
-        start = (baseline,)
+        logger.info("would %s on the legacy database (%d tables, no version table)",
+                    "upgrade from base" if baseline == "base" else f"stamp baseline {baseline}",
+                    len(state.tables), extra={"baseline": baseline})
+        start = () if baseline == "base" else (baseline,)
+        baseline = None if baseline == "base" else baseline
     pending = revisions.pending_revisions(script, start)
     for revision in pending:
-        logger.info("would apply %s: %s", revision.revision, revision.doc or "", extra={"revision": revision.revision})
+        logger.info("would apply %s: %s", revision.revision, migrate.first_line(revision.doc),
+                    extra={"revision": revision.revision})
     report.pending = [revision.revision for revision in pending]
     report.to_revision = tuple(script.get_heads())
     report.outcome = "planned"
@@ -157,7 +190,7 @@ def plan(settings: Settings, report: Report, sql: bool = False) -> int:
                       f"{f' (stamping baseline {baseline} first)' if baseline else ''}, "
                       f"{len(pending)} revisions would be applied")
     if sql:
-        _print_sql(config, start, baseline)
+        _print_sql(config, script, start, baseline)
     return EXIT_OK
 
 
@@ -178,12 +211,15 @@ COMMANDS = {"upgrade": upgrade, "check": check, "wait": wait, "plan": plan, "hea
 # -- shared steps -----------------------------------------------------------------------
 def _scripts(settings: Settings) -> tuple[URL, Config, ScriptDirectory]:
     """What every command starts from: the URL (its secrets masked), alembic's config and the scripts."""
-    url = database.with_defaults(settings.url())
-    log.add_secret(url.password)
-    log.add_secret(url.query.get("password"))
+    given = settings.url()
+    log.add_secret(given.password)
+    log.add_secret(given.query.get("password"))
     # application_name from the first login on; the other options wait for the server's version.
     _session_options(settings, None)
-    config = revisions.load_config(settings.alembic_config, url)
+    # env.py gets the URL as given, as it would from alembic.ini; the runner's own sessions add
+    # keepalives and timeouts, which other drivers than libpq's would not accept.
+    url = database.with_defaults(given)
+    config = revisions.load_config(settings.alembic_config, given)
     script = revisions.load_scripts(config)
     found = tuple(script.get_heads()) if settings.allow_multiple_heads else revisions.check_single_head(script)
     logger.info("scripts at %s: head %s", script.dir, _names(found), extra={"heads": list(found)})
@@ -236,31 +272,63 @@ def _judge(state: revisions.State, report: Report) -> int:
     raise PendingRevisions(f"{len(pending)} revisions pending at {_names(state.current)}: {described}")
 
 
-def _read_back_state(url: URL, settings: Settings, script: ScriptDirectory) -> revisions.State:
-    """The database's state, read on a short connection of its own (no lock, read only)."""
-    with database.engine(url).connect() as connection:
-        return revisions.database_state(connection, script, version_table=settings.version_table,
-                                        schema=settings.version_table_schema)
+def _read_state(config: Config, script: ScriptDirectory, settings: Settings) -> revisions.State:
+    """The database's state as env.py sees it; the MIGRATE_ version table variables, if set, must agree."""
+    return revisions.database_state(config, script, **_expected_version_table(settings))
 
 
-def _read_back(url: URL, settings: Settings) -> tuple[str, ...]:
-    """The revisions the database is at, read on a new connection after a failure."""
-    with database.engine(url).connect() as connection:
-        return revisions.current_heads(connection, version_table=settings.version_table,
-                                       schema=settings.version_table_schema)
+def _expected_version_table(settings: Settings) -> dict[str, str | None]:
+    """The version table variables the user set (unset: env.py alone says where the table is)."""
+    explicit = settings.model_fields_set
+    return {"version_table": settings.version_table if "version_table" in explicit else None,
+            "version_table_schema": settings.version_table_schema if "version_table_schema" in explicit else None}
 
 
-def _print_sql(config: Config, start: tuple[str, ...], baseline: str | None) -> None:
+def _read_state_or_fail(config: Config, script: ScriptDirectory, settings: Settings) -> revisions.State:
+    """`_read_state` for the read-only commands, env.py's connections tagged, failures as RunnerErrors."""
+    try:
+        with database.tagged():
+            return _read_state(config, script, settings)
+    except Exception as e:
+        raise envpy.failure(e) from None
+
+
+def _print_sql(config: Config, script: ScriptDirectory, start: tuple[str, ...], baseline: str | None) -> None:
     """alembic's offline SQL from `start` to heads, on stdout (logs stay on stderr)."""
     if len(start) > 1:
         raise ConfigError("plan --sql needs the database at one revision; it is at " + _names(start))
     buffer = io.StringIO()
     config.output_buffer = buffer
-    if baseline:
-        alembic_command.stamp(config, baseline, sql=True)
-    alembic_command.upgrade(config, f"{start[0]}:heads" if start else "heads", sql=True)
+    running = []
+
+    def steps(current, context):
+        # What `alembic upgrade <start>:heads --sql` does, noting which revision is being rendered.
+        revisions_ = script._upgrade_revs("heads", current)
+        for step in revisions_:
+            step.migration_fn = _noting(step.migration_fn, step.revision, running)
+        return revisions_
+
+    try:
+        if baseline:
+            with envpy.no_exit():
+                alembic_command.stamp(config, baseline, sql=True)
+        envpy.run(config, script, steps, as_sql=True, starting_rev=start[0] if start else None,
+                  destination_rev="heads")
+    except Exception as e:
+        where = f"revision {running[-1].revision} ({migrate.first_line(running[-1].doc)})" if running else "env.py"
+        raise ConfigError(f"plan --sql: {where} cannot be rendered offline (it needs a live database?): "
+                          f"{type(e).__name__}: {first_line(e)}") from None
     sys.__stdout__.write(buffer.getvalue())
     sys.__stdout__.flush()
+
+
+def _noting(migration_fn, revision, running: list):
+    @functools.wraps(migration_fn)
+    def noted(**kwargs):
+        running.append(revision)
+        return migration_fn(**kwargs)
+
+    return noted
 
 
 def _log_state(state: revisions.State) -> None:

@@ -2,15 +2,20 @@
 
 Session settings travel in libpq's environment (PGAPPNAME, PGOPTIONS), not
 only in our own connect calls, so that connections a user's env.py opens
-itself carry them too.
+itself carry them too; drivers that do not read libpq's environment (asyncpg,
+pg8000) get the same settings by SQL (`settings_sql`) when they connect.
 """
 
 from __future__ import annotations
 
 import functools
 import os
+import socket
 
-from sqlalchemy import create_engine, pool
+from contextlib import contextmanager
+from typing import Iterator
+
+from sqlalchemy import create_engine, event, pool
 from sqlalchemy.engine import URL, Connection, Engine
 
 # A runner must notice a dead peer even while it waits on a long statement:
@@ -52,9 +57,16 @@ def engine(url: URL) -> Engine:
     return create_engine(url, poolclass=pool.NullPool)
 
 
-def set_session_options(application_name: str, **settings: int) -> None:
+# The settings connections opened from now on carry: name -> value (ms for the timeouts).
+_session: dict[str, str] = {}
+
+
+def set_session_options(application_name: str, **settings: int | None) -> None:
     """Make every connection opened from now on carry these settings (ms values)."""
     os.environ["PGAPPNAME"] = application_name
+    _session.clear()
+    _session["application_name"] = application_name
+    _session.update({name: str(value) for name, value in settings.items() if value is not None})
     ours = [f"-c {name}={value}" for name, value in settings.items() if value is not None]
     options = " ".join([_USER_PGOPTIONS, *ours]).strip()
     if options:
@@ -66,3 +78,118 @@ def set_session_options(application_name: str, **settings: int) -> None:
 def server_version(connection: Connection) -> int:
     """server_version_num, e.g. 160002."""
     return int(connection.exec_driver_sql("SHOW server_version_num").scalar_one())
+
+
+@contextmanager
+def tagged() -> Iterator[None]:
+    """Inside the `with`, every new connection of any driver gets the session settings by SQL.
+
+    libpq's drivers read them from the environment already; asyncpg and pg8000 do not.
+    """
+
+    def on_connect(dbapi_connection, record) -> None:
+        cursor = dbapi_connection.cursor()
+        try:
+            cursor.execute("SELECT " + ", ".join(settings_sql()))
+        finally:
+            cursor.close()
+        dbapi_connection.commit()  # a rolled-back SET would be undone
+
+    event.listen(pool.Pool, "connect", on_connect)
+    try:
+        yield
+    finally:
+        event.remove(pool.Pool, "connect", on_connect)
+
+
+def settings_sql() -> list[str]:
+    """The session settings as `set_config` calls, for a SELECT list run on any driver's connection.
+
+    Literals, not parameters: each driver has its own paramstyle, and a statement
+    without parameters reads the same to all of them.
+    """
+    return [f"set_config({_literal(name)}, {_literal(value)}, false)" for name, value in _session.items()]
+
+
+def _literal(value: str) -> str:
+    # An E'' string reads backslashes the same whatever standard_conforming_strings says.
+    return "E'" + value.replace("\\", "\\\\").replace("'", "''") + "'"
+
+
+def first_line(error: BaseException) -> str:
+    """The informative line of a driver's error (libpq's FATAL/ERROR line when there is one)."""
+    text = " ".join(line.strip() for line in str(getattr(error, "orig", error) or error).splitlines() if line.strip())
+    for marker in ("FATAL:", "ERROR:"):
+        if marker in text:
+            return " ".join(text[text.index(marker):].split())
+    return text.removeprefix("connection failed: ").removeprefix("connection is bad: ")
+
+
+def sqlstate(error: BaseException) -> str | None:
+    """The SQLSTATE of a driver's error (psycopg, psycopg2, asyncpg, pg8000), if it has one."""
+    error = getattr(error, "orig", None) or error
+    for attribute in ("sqlstate", "pgcode"):
+        value = getattr(error, attribute, None)
+        if isinstance(value, str) and value:
+            return value
+    args = getattr(error, "args", ())
+    if args and isinstance(args[0], dict):  # pg8000: the server's fields, C the code
+        return args[0].get("C")
+    return None
+
+
+def is_disconnect(error: BaseException) -> bool:
+    """Whether an error means the connection could not be made or was lost (retry can help)."""
+    if getattr(error, "connection_invalidated", False):
+        return True
+    code = sqlstate(error)
+    if code:
+        return code.startswith(("08", "57P"))
+    orig = getattr(error, "orig", None) or error
+    # No SQLSTATE: the client failed. libpq reports an unusable option (a configuration
+    # error) as "invalid ..."; the rest of its connection failures are the network's or the server's.
+    if "invalid " in str(orig) and "connection is bad" in str(orig) or type(orig).__name__ == "ProgrammingError":
+        return False
+    return isinstance(orig, OSError) or any(
+        name in ("OperationalError", "InterfaceError") or "Connection" in name for name in _class_names(orig))
+
+
+def _class_names(error: BaseException) -> list[str]:
+    return [cls.__name__ for cls in type(error).__mro__]
+
+
+def driver_name(dbapi_connection) -> str:
+    """The driver behind a DBAPI connection (or SQLAlchemy's adapter of one), e.g. `asyncpg`."""
+    inner = getattr(dbapi_connection, "driver_connection", None) or dbapi_connection
+    return type(inner).__module__.split(".")[0]
+
+
+def sever(dbapi_connection) -> None:
+    """Shut a connection's socket down from any thread, whatever its driver: a call blocked on it fails at once."""
+    fd = _socket_fd(dbapi_connection) if dbapi_connection is not None else None
+    if fd is None:
+        return
+    try:
+        with socket.socket(fileno=os.dup(fd)) as sock:
+            sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+
+
+def _socket_fd(dbapi_connection) -> int | None:
+    inner = getattr(dbapi_connection, "driver_connection", None) or dbapi_connection
+    for candidate in (dbapi_connection, inner):
+        fileno = getattr(candidate, "fileno", None)  # psycopg 3 and 2, sync and async
+        if callable(fileno):
+            try:
+                return fileno()
+            except Exception:
+                pass
+    sock = getattr(inner, "_usock", None)  # pg8000
+    transport = getattr(inner, "_transport", None)  # asyncpg
+    if sock is None and transport is not None:
+        sock = transport.get_extra_info("socket")
+    try:
+        return sock.fileno() if sock is not None else None
+    except Exception:
+        return None

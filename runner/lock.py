@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
-import socket
 import threading
 import time
 from contextlib import contextmanager
@@ -53,7 +51,7 @@ def derive_key(database_name: str, schema: str, table: str) -> int:
     return int.from_bytes(digest[:8], "big", signed=True)
 
 
-def _lock_ids(key: int) -> dict:
+def lock_ids(key: int) -> dict:
     # pg_locks shows a bigint key as two oids: high 32 bits in classid, low in objid.
     unsigned = key & 0xFFFF_FFFF_FFFF_FFFF
     return {"classid": unsigned >> 32, "objid": unsigned & 0xFFFF_FFFF}
@@ -84,19 +82,6 @@ def fence_key(key: int) -> int:
     return int.from_bytes(digest[:8], "big", signed=True)
 
 
-def sever(dbapi_connection) -> None:
-    """Shut the connection's socket down from any thread: a call blocked on it fails at once."""
-    try:
-        fd = dbapi_connection.pgconn.socket
-    except Exception:
-        return
-    try:
-        with socket.socket(fileno=os.dup(fd)) as sock:
-            sock.shutdown(socket.SHUT_RDWR)
-    except OSError:
-        pass
-
-
 @dataclass
 class Lock:
     key: int
@@ -117,7 +102,7 @@ class Lock:
         """Run a query on the lock's session from any thread; the session is severed if it hangs."""
         raw = self.connection.connection.dbapi_connection
         with self._mutex:
-            timer = threading.Timer(grace, sever, (raw,))
+            timer = threading.Timer(grace, database.sever, (raw,))
             timer.daemon = True
             timer.start()
             try:
@@ -140,13 +125,13 @@ class Lock:
         if not ask_pg_locks:
             rows = self.query("SELECT pg_backend_pid() = %(pid)s", {"pid": self.pid}, grace)
             return bool(rows and rows[0][0])
-        rows = self.query(_HELD, {"pid": self.pid, **_lock_ids(self.key)}, grace)
+        rows = self.query(_HELD, {"pid": self.pid, **lock_ids(self.key)}, grace)
         return bool(rows and rows[0][0])
 
 
 def holders(connection: Connection, key: int) -> list[dict]:
     """Who holds the lock: pid, application_name, client address, since when."""
-    return [dict(row._mapping) for row in connection.execute(_HOLDERS, _lock_ids(key))]
+    return [dict(row._mapping) for row in connection.execute(_HOLDERS, lock_ids(key))]
 
 
 def describe_holders(rows: list[dict]) -> str:

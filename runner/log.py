@@ -1,10 +1,16 @@
 """Logging: text or JSON lines on stderr, with every known secret masked.
 
-The runner owns the process's logging. alembic's generic env.py calls
-``logging.config.fileConfig``, which would replace our handlers and disable
-our loggers mid-run, so that call is neutralised here; and anything written
-straight to stdout/stderr (a ``print`` in env.py) goes through the same masking
-and, in JSON mode, becomes a JSON line like the rest.
+The runner owns the process's logging, whatever the project's env.py does:
+- `logging.config.fileConfig` (alembic's generic env.py), `dictConfig` and
+  `logging.basicConfig` are ignored while the runner runs: they would replace
+  our handlers, disable our loggers or print records a second time in another
+  format;
+- the runner's, alembic's and the captured stdout/stderr loggers carry our
+  handler themselves and do not propagate, so handlers a project adds to the
+  root logger can neither remove their lines nor feed them back to themselves;
+- anything written straight to stdout/stderr (a `print`, or a handler the
+  project made on `sys.stderr`) goes through the same masking and, in JSON
+  mode, becomes a JSON line like the rest.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ import logging
 import logging.config
 import re
 import sys
+import threading
 import time
 from urllib.parse import quote, quote_plus
 
@@ -104,8 +111,21 @@ class _LineWriter(io.TextIOBase):
         *lines, self._buffer = self._buffer.split("\n")
         for line in lines:
             if line.strip():
-                self._logger.log(self._level, line.rstrip())
+                self._log(line.rstrip())
         return len(text)
+
+    def _log(self, line: str) -> None:
+        if getattr(_writing, "active", False):
+            # Written while a line is being logged (a handler of the project's own on this
+            # stream): hand it to our handler directly rather than loop through logging.
+            _handler.handle(logging.makeLogRecord({"name": self._logger.name, "levelno": self._level,
+                                                   "levelname": logging.getLevelName(self._level), "msg": line}))
+            return
+        _writing.active = True
+        try:
+            self._logger.log(self._level, line)
+        finally:
+            _writing.active = False
 
     def flush(self) -> None:
         self._original.flush()
@@ -117,33 +137,56 @@ class _LineWriter(io.TextIOBase):
         return self._original.isatty()
 
 
-def _ignore_file_config(*args, **kwargs) -> None:
-    logger.debug("alembic.ini logging section ignored: MIGRATE_LOG_LEVEL and MIGRATE_LOG_FORMAT apply")
+def _ignored(name: str):
+    def ignored(*args, **kwargs) -> None:
+        logger.debug("%s from the project ignored: MIGRATE_LOG_LEVEL and MIGRATE_LOG_FORMAT apply", name)
+
+    return ignored
+
+
+_writing = threading.local()
+_handler: logging.Handler = logging.NullHandler()
+# Loggers whose records are ours to show, whatever the project does to the root logger.
+OWN_LOGGERS = ("runner", "alembic", "stdout", "stderr")
+_level = "INFO"
 
 
 def setup(fmt: str | None = None, level: str = "INFO") -> str:
     """Send all logging to stderr as text or JSON; returns the format chosen."""
-    global _format
+    global _format, _handler, _level
     stream = sys.__stderr__
     fmt = _format = fmt or ("text" if stream.isatty() else "json")
-    handler = logging.StreamHandler(stream)
-    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(logging.WARNING)
-    for name in ("runner", "alembic", "stdout", "stderr"):
-        logging.getLogger(name).setLevel(level)
-        logging.getLogger(name).disabled = False
+    _level = level
+    _handler = logging.StreamHandler(stream)
+    _handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    restore()
     logging.captureWarnings(True)
-    logging.config.fileConfig = _ignore_file_config
+    logging.config.fileConfig = _ignored("logging.config.fileConfig")
+    logging.config.dictConfig = _ignored("logging.config.dictConfig")
+    logging.basicConfig = _ignored("logging.basicConfig")
     sys.stdout = _LineWriter("stdout", logging.INFO, sys.__stdout__)
     sys.stderr = _LineWriter("stderr", logging.WARNING, sys.__stderr__)
     return fmt
 
 
+def restore() -> None:
+    """Our handler and levels back in place, whatever the project changed meanwhile."""
+    logging.disable(logging.NOTSET)
+    root = logging.getLogger()
+    root.handlers[:] = [_handler]
+    root.setLevel(logging.WARNING)
+    for name in OWN_LOGGERS:
+        own = logging.getLogger(name)
+        own.handlers[:] = [_handler]
+        own.propagate = False
+        own.setLevel(_level)
+        own.disabled = False
+
+
 def summary(level: int, fields: dict) -> None:
     """A command's last line: its message with the fields, as one JSON object in JSON mode."""
     message = fields["message"]
+    restore()
     if _format == "json":
         logger.log(level, "%s", message, extra={k: v for k, v in fields.items() if k != "message"})
     else:

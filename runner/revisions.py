@@ -11,9 +11,10 @@ from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from alembic.util import CommandError
-from sqlalchemy import inspect
+from sqlalchemy import MetaData, Table, inspect, text
 from sqlalchemy.engine import URL, Connection
 
+from . import envpy
 from .errors import ConfigError, DatabaseAhead, LegacyDatabase, MultipleHeads
 
 
@@ -40,8 +41,9 @@ def load_scripts(config: Config) -> ScriptDirectory:
     except CommandError as e:
         raise ConfigError(f"ALEMBIC_CONFIG: {config.config_file_name}: {e}") from None
     try:
-        script.revision_map.heads
-    except Exception as e:  # a revision file that does not import, a duplicate id, a cycle
+        with envpy.no_exit():
+            script.revision_map.heads
+    except Exception as e:  # a revision file that does not import (or exits), a duplicate id, a cycle
         raise ConfigError(f"cannot load the migration scripts in {script.dir}: {type(e).__name__}: "
                           f"{str(e).splitlines()[0] if str(e) else ''}") from None
     return script
@@ -79,6 +81,14 @@ def _parents(script: ScriptDirectory, revision: str) -> str:
     return "+".join(down) if isinstance(down, tuple) else down
 
 
+class NoMigrationsRun(ConfigError):
+    """env.py returned without calling context.run_migrations()."""
+
+    def __init__(self) -> None:
+        super().__init__("env.py returned without calling context.run_migrations() (online mode): nothing was "
+                         "read or applied through it")
+
+
 @dataclass
 class State:
     """What the database holds, as the runner decides what to do about it."""
@@ -88,22 +98,94 @@ class State:
     tables: list[str] = field(default_factory=list)
     unknown: tuple[str, ...] = ()
     pending: list = field(default_factory=list)  # Script objects, oldest first
+    # Where env.py keeps the version table (the schema resolved on env.py's own connection).
+    schema: str | None = None
+    table: str = "alembic_version"
 
 
-def database_state(connection: Connection, script: ScriptDirectory, *, version_table: str,
-                   schema: str | None) -> State:
-    """Classify the database against the scripts, through alembic's MigrationContext."""
+def database_state(config: Config, script: ScriptDirectory, *, version_table: str | None = None,
+                   version_table_schema: str | None = None) -> State:
+    """The database as env.py sees it, read by running env.py as `alembic current` does (dont_mutate).
+
+    env.py's own engine, driver, search_path and version table options decide where
+    the version table is. `version_table`/`version_table_schema`, when given (the
+    MIGRATE_ variables were set), must agree with env.py.
+    """
+    found: list[State] = []
+
+    def read(heads, context) -> list:
+        found.append(observe(context, script, version_table=version_table, version_table_schema=version_table_schema))
+        return []
+
+    # MigrationContext announces its dialect at INFO; that is noise for a read.
+    chatty = logging.getLogger("alembic.runtime.migration")
+    level = chatty.level
+    chatty.setLevel(logging.WARNING)
+    try:
+        envpy.run(config, script, read, dont_mutate=True)
+    finally:
+        chatty.setLevel(level)
+    if not found:
+        raise NoMigrationsRun()
+    if len(found) > 1:
+        raise ConfigError(f"env.py ran migrations on {len(found)} connections (alembic's multidb template?): the "
+                          f"runner locks and checks only the database DATABASE_URL names; not supported")
+    return found[0]
+
+
+def observe(context, script: ScriptDirectory, *, version_table: str | None = None,
+            version_table_schema: str | None = None) -> State:
+    """The state as env.py's MigrationContext sees it, on env.py's own connection and version table."""
+    state = state_of(context.connection, script, version_table=context.version_table,
+                     schema=context.version_table_schema)
+    for variable, wanted, actual in (("MIGRATE_VERSION_TABLE", version_table, state.table),
+                                     ("MIGRATE_VERSION_TABLE_SCHEMA", version_table_schema, state.schema)):
+        if wanted is not None and wanted != actual:
+            raise ConfigError(f"{variable}={wanted} but env.py keeps the version table at "
+                              f"{state.schema}.{state.table}: set {variable}={actual} or unset it")
+    return state
+
+
+def state_of(connection: Connection, script: ScriptDirectory, *, version_table: str = "alembic_version",
+             schema: str | None = None) -> State:
+    """Classify the database against the scripts, reading the version table on `connection`."""
+    schema = schema or connection.exec_driver_sql("SELECT current_schema()").scalar()
     current = current_heads(connection, version_table=version_table, schema=schema)
+    where = {"schema": schema, "table": version_table}
     if not current:
         tables = [t for t in inspect(connection).get_table_names(schema=schema) if t != version_table]
         if tables:
-            return State(kind="legacy", tables=sorted(tables))
-        return State(kind="fresh", pending=pending_revisions(script, ()))
+            _refuse_version_table_elsewhere(connection, script, version_table, schema)
+            return State(kind="legacy", tables=sorted(tables), **where)
+        return State(kind="fresh", pending=pending_revisions(script, ()), **where)
     unknown = tuple(rev for rev in current if not _known(script, rev))
     if unknown:
-        return State(kind="ahead", current=current, unknown=unknown)
+        return State(kind="ahead", current=current, unknown=unknown, **where)
     pending = pending_revisions(script, current)
-    return State(kind="pending" if pending else "current", current=current, pending=pending)
+    return State(kind="pending" if pending else "current", current=current, pending=pending, **where)
+
+
+# Tables named like the version table in other schemas, with a version_num column we may read.
+_VERSION_TABLES_ELSEWHERE = text("""
+    SELECT n.nspname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+     WHERE c.relname = :table AND c.relkind IN ('r', 'p') AND n.nspname <> :schema
+       AND has_table_privilege(c.oid, 'SELECT')
+       AND EXISTS (SELECT 1 FROM pg_attribute a WHERE a.attrelid = c.oid AND a.attname = 'version_num')
+""")
+
+
+def _refuse_version_table_elsewhere(connection: Connection, script: ScriptDirectory, table: str, schema: str) -> None:
+    # Tables but no version table where env.py looks: before calling the database legacy (and
+    # perhaps stamping it), make sure this project's version table does not sit in another schema.
+    for (other,) in connection.execute(_VERSION_TABLES_ELSEWHERE, {"table": table, "schema": schema}).all():
+        quoted = connection.dialect.identifier_preparer.format_table(Table(table, MetaData(), schema=other))
+        rows = [row[0] for row in connection.exec_driver_sql(f"SELECT version_num FROM {quoted}")]
+        if any(_known(script, revision) for revision in rows):
+            raise ConfigError(
+                f"no version table at {schema}.{table}, where env.py looks, but {other}.{table} holds revisions of "
+                f"these scripts ({', '.join(rows)}): refusing to treat the database as legacy; give env.py's "
+                f"context.configure version_table_schema={other!r} (or set MIGRATE_VERSION_TABLE_SCHEMA={schema} "
+                f"to confirm {schema} is right)")
 
 
 def current_heads(connection: Connection, *, version_table: str, schema: str | None) -> tuple[str, ...]:
@@ -118,6 +200,14 @@ def current_heads(connection: Connection, *, version_table: str, schema: str | N
         return tuple(context.get_current_heads())
     finally:
         chatty.setLevel(level)
+
+
+def applied_between(script: ScriptDirectory, before: tuple[str, ...], after: tuple[str, ...]) -> list[str]:
+    """The revisions `upgrade` applied to go from `before` to `after`, oldest first."""
+    if not all(_known(script, revision) for revision in (*before, *after)):
+        return []
+    reached = {r.revision for head in after for r in script.iterate_revisions(head, "base")}
+    return [r.revision for r in pending_revisions(script, before) if r.revision in reached]
 
 
 def _known(script: ScriptDirectory, revision: str) -> bool:
@@ -140,8 +230,12 @@ def refuse_legacy(state: State, baseline: str | None, script: ScriptDirectory) -
         raise LegacyDatabase(
             f"the database has {len(state.tables)} tables ({sample}) but no version table: it predates "
             f"Alembic; set MIGRATE_BASELINE_REVISION to the revision its schema matches to stamp it")
+    if baseline == "base":
+        # The application created its tables itself and its revisions start from base (mlflow does).
+        return "base"
     if not _known(script, baseline):
-        raise LegacyDatabase(f"MIGRATE_BASELINE_REVISION={baseline!r} is not a revision in the scripts")
+        raise LegacyDatabase(f"MIGRATE_BASELINE_REVISION={baseline!r} is not a revision in the scripts "
+                             f"(nor `base`)")
     return script.get_revision(baseline).revision
 
 

@@ -40,7 +40,7 @@ class Settings(BaseSettings):
         description="Advisory lock key (signed 64-bit); default derived from database and version table.")
     baseline_revision: str | None = Field(
         None, alias="MIGRATE_BASELINE_REVISION",
-        description="Revision to stamp on a database that has tables but no version table.")
+        description="Revision to stamp on a database that has tables but no version table; `base` upgrades it from the first revision.")
     allow_multiple_heads: bool = Field(
         False, alias="MIGRATE_ALLOW_MULTIPLE_HEADS",
         description="Upgrade every head instead of refusing scripts with several heads.")

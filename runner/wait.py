@@ -10,6 +10,7 @@ from sqlalchemy.engine import URL, Connection
 from sqlalchemy.exc import DBAPIError
 
 from . import database
+from .database import first_line
 from .errors import ConfigError, DatabaseUnreachable, RunnerError
 
 logger = logging.getLogger("runner.wait")
@@ -23,31 +24,41 @@ FATAL = {
     "certificate verify failed": "TLS verification failed (check sslmode and sslrootcert)",
     "server certificate for": "TLS verification failed: the server's certificate does not match the host name (sslmode=verify-full)",
     "root certificate file": "TLS verification failed: the CA file cannot be read (sslrootcert)",
-    "sslmode value": "invalid sslmode",
-    "invalid connection option": "invalid connection option in DATABASE_URL",
-    "invalid port number": "invalid port in DATABASE_URL",
-    "invalid integer value": "invalid number in DATABASE_URL",
-    "invalid sslmode": "invalid sslmode",
     "server does not support SSL": "the server does not support SSL but sslmode requires it",
+}
+
+# Connection parameters libpq cannot use: the URL is wrong, not the database.
+INVALID = {
+    "invalid connection option": "invalid connection option",
+    "invalid port number": "invalid port",
+    "invalid integer value": "invalid number",
+    "invalid sslmode": "invalid sslmode",
+    "sslmode value": "invalid sslmode",
 }
 
 
 def fatal_reason(error: BaseException) -> str | None:
     """Why this connection error cannot be cured by waiting, or None if it can."""
+    return _reason(error, FATAL) or invalid_reason(error)
+
+
+def invalid_reason(error: BaseException) -> str | None:
+    """What is wrong with the connection parameters, if the error says so."""
+    return _reason(error, INVALID)
+
+
+def _reason(error: BaseException, table: dict[str, str]) -> str | None:
     text = str(error)
-    for words, reason in FATAL.items():
-        if words in text:
-            return reason
-    return None
+    return next((reason for words, reason in table.items() if words in text), None)
 
 
-def first_line(error: BaseException) -> str:
-    """The informative line of a libpq error (the last non-empty one)."""
-    text = " ".join(line.strip() for line in str(getattr(error, "orig", error) or error).splitlines() if line.strip())
-    for marker in ("FATAL:", "ERROR:"):
-        if marker in text:
-            return " ".join(text[text.index(marker):].split())
-    return text.removeprefix("connection failed: ")
+def refusal(url: URL, error: BaseException) -> RunnerError:
+    """The error for a login that waiting cannot cure: the URL's parameters (2) or the server's refusal (3)."""
+    invalid = invalid_reason(error)
+    if invalid:
+        return ConfigError(f"DATABASE_URL: {invalid}: {first_line(error)}")
+    return DatabaseUnreachable(f"database {database.endpoint(url)} refused the connection: "
+                               f"{fatal_reason(error)}: {first_line(error)}")
 
 
 def connection_error(url: URL, error: BaseException) -> RunnerError:
@@ -102,9 +113,8 @@ def first_login(url: URL, timeout: float, sleep=time.sleep) -> tuple[int, Connec
     try:
         version, session = retrying(attempt)
     except DBAPIError as e:
-        reason = fatal_reason(e)
-        if reason:
-            raise DatabaseUnreachable(f"database {where} refused the connection: {reason}: {first_line(e)}") from None
+        if fatal_reason(e):
+            raise refusal(url, e) from None
         raise DatabaseUnreachable(
             f"database {where} not reachable after {timeout:g}s (MIGRATE_WAIT_TIMEOUT): {first_line(e)}") from None
     logger.info("database %s is up (PostgreSQL %d.%d)", where, version // 10000, version % 10000,

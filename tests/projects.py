@@ -78,14 +78,25 @@ def write_env(root: Path, source: str) -> None:
     (root / "migrations" / "env.py").write_text(source)
 
 
-# env.py written the cookbook way: use the connection the caller offers.
+# env.py written the cookbook way (alembic's docs, "Sharing a Connection across one or more
+# programmatic migration commands"): a connection offered in config.attributes is used,
+# otherwise env.py builds its own engine from sqlalchemy.url.
 COOKBOOK_ENV = '''
 from alembic import context
+from sqlalchemy import engine_from_config, pool
 
 config = context.config
-connection = config.attributes.get("connection")
-assert connection is not None, "the runner should offer its connection"
-context.configure(connection=connection, target_metadata=None)
-with context.begin_transaction():
-    context.run_migrations()
+connectable = config.attributes.get("connection", None)
+print(f"offered: {connectable is not None}")
+if connectable is None:
+    engine = engine_from_config(config.get_section(config.config_ini_section), prefix="sqlalchemy.",
+                                poolclass=pool.NullPool)
+    with engine.connect() as connection:
+        context.configure(connection=connection, target_metadata=None)
+        with context.begin_transaction():
+            context.run_migrations()
+else:
+    context.configure(connection=connectable, target_metadata=None)
+    with context.begin_transaction():
+        context.run_migrations()
 '''

@@ -57,7 +57,7 @@ def test_text_mode_shows_each_step(database_url, project):
     result = run_runner(runner_env(database_url, project, MIGRATE_LOG_FORMAT="text"))
     assert result.returncode == 0, result
     out = result.output
-    for step in ("head r0003", "is up", "acquired", "database is fresh", "applied r0002", "upgraded: base -> r0003"):
+    for step in ("head r0003", "is up", "acquired", "database is fresh", "ran r0002", "upgraded: base -> r0003"):
         assert step in out, (step, out)
 
 
@@ -68,12 +68,15 @@ def test_python_dash_m_runner_is_the_same_command(database_url, project):
     assert version_rows(database_url) == ["r0003"]
 
 
-def test_cookbook_env_py_receives_the_runners_connection(database_url, tmp_path):
+def test_env_py_is_offered_no_connection_as_under_alembics_cli(database_url, tmp_path):
+    # With a connection in config.attributes, a cookbook env.py would skip its own engine set-up
+    # (driver, connect_args): it must build it, as it does under `alembic upgrade heads`.
     ini = make_project(tmp_path / "p", chain(2))
     write_env(tmp_path / "p", COOKBOOK_ENV)
     result = run_runner(runner_env(database_url, ini))
     assert result.returncode == 0, result
     assert_consistent(database_url, ["r0002"])
+    assert "offered: False" in result.output, result
 
 
 def test_every_connection_carries_application_name_and_session_settings(database_url, tmp_path):
@@ -215,9 +218,21 @@ def test_legacy_database_with_baseline_is_stamped_then_upgraded(database_url, pr
     make_legacy(database_url)
     result = run_runner(runner_env(database_url, project, MIGRATE_BASELINE_REVISION="r0001"))
     assert result.returncode == 0, result
-    assert any("stamped baseline r0001" in e for e in result.events())
+    assert any("stamping baseline r0001" in e for e in result.events())
     assert result.last["applied"] == ["r0002", "r0003"]
     assert_consistent(database_url, ["r0003"])
+
+
+def test_baseline_base_upgrades_a_legacy_database_from_the_first_revision(database_url, tmp_path):
+    # Applications that create their base tables in code, then run every revision from base.
+    ini = make_project(tmp_path / "p", [Rev("r0001", None, ["ALTER TABLE accounts ADD COLUMN email text"]),
+                                        Rev("r0002", "r0001", ["CREATE TABLE r_2 (id int)"])])
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute("CREATE TABLE accounts (id int)")
+    result = run_runner(runner_env(database_url, ini, MIGRATE_BASELINE_REVISION="base"))
+    assert result.returncode == 0, result
+    assert result.last["applied"] == ["r0001", "r0002"] and result.last["from_revision"] == []
+    assert version_rows(database_url) == ["r0002"] and "r_2" in tables(database_url)
 
 
 def test_unknown_baseline_exits_6_naming_it(database_url, project):

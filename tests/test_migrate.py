@@ -1,12 +1,11 @@
-import psycopg
 import pytest
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError
 
 from runner.errors import ConfigError, DatabaseUnreachable, RevisionFailed
-from runner.lock import advisory_lock
-from runner.migrate import Progress, explain_failure, guarded_by
+from runner.envpy import EarlyExit
+from runner.migrate import Progress, explain_failure
 
 
 def sa_url(database_url):
@@ -62,17 +61,23 @@ def test_a_lost_connection_is_unreachable_not_a_failed_revision(database_url, po
     assert isinstance(result, DatabaseUnreachable) and "lost the database during revision r0002" in str(result)
 
 
-def test_no_commit_once_the_lock_session_is_gone(database_url, postgres):
-    engine = create_engine(sa_url(database_url))
-    with advisory_lock(sa_url(database_url), 123, timeout=5) as lock:
-        with pytest.raises(DatabaseUnreachable, match="advisory lock.s session was lost"):
-            with guarded_by(lock), engine.connect() as conn:
-                conn.execute(text("CREATE TABLE committed_while_held (id int)"))
-                conn.commit()
-                conn.execute(text("CREATE TABLE must_not_commit (id int)"))
-                postgres.execute("SELECT pg_terminate_backend(%s)", params=(lock.pid,))
-                conn.commit()
-    engine.dispose()
-    with psycopg.connect(database_url) as conn:
-        names = {r[0] for r in conn.execute("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")}
-    assert "committed_while_held" in names and "must_not_commit" not in names
+def test_sys_exit_inside_a_revision_is_that_revision_failing():
+    result = explain_failure(EarlyExit(3), Progress(running=FakeScript(), raised_inside=True), lambda: ("r0001",))
+    assert isinstance(result, RevisionFailed)
+    assert str(result) == ("revision r0002 (add things) called sys.exit(3): its transaction was rolled back; "
+                           "the database is at r0001")
+
+
+def test_sys_exit_in_env_py_is_a_configuration_error_naming_where_the_database_is():
+    # Even after revisions ran: env.py, not a revision, exited (say, after run_migrations returned).
+    result = explain_failure(EarlyExit("no migrations today"), Progress(running=FakeScript()), lambda: ("r0002",))
+    assert isinstance(result, ConfigError)
+    assert "env.py exited (SystemExit('no migrations today'))" in str(result) and "at r0002" in str(result)
+
+
+def test_an_invalid_connection_option_is_a_configuration_error_not_a_lost_database(database_url):
+    engine = create_engine(sa_url(database_url), connect_args={"timeout": 5})
+    with pytest.raises(DBAPIError) as raised:
+        engine.connect()
+    result = explain_failure(raised.value, Progress(), lambda: ())
+    assert isinstance(result, ConfigError) and 'invalid connection option "timeout"' in str(result)

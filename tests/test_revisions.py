@@ -4,8 +4,8 @@ from sqlalchemy import create_engine
 from sqlalchemy.engine import make_url
 
 from runner.errors import ConfigError, LegacyDatabase, MultipleHeads
-from runner.revisions import (check_single_head, database_state, load_config, load_scripts, merge_command,
-                              pending_revisions, refuse_legacy)
+from runner.revisions import (applied_between, check_single_head, database_state, load_config, load_scripts,
+                              merge_command, pending_revisions, refuse_legacy, state_of)
 
 from .projects import Rev, chain, make_project
 
@@ -52,7 +52,7 @@ def test_state_classifies_fresh_legacy_pending_current_ahead(tmp_path, database_
 
     def state():
         with engine.connect() as conn:
-            return database_state(conn, script, version_table="alembic_version", schema=None)
+            return state_of(conn, script)
 
     assert state().kind == "fresh"
     with psycopg.connect(database_url, autocommit=True) as conn:
@@ -97,3 +97,44 @@ def test_a_broken_revision_file_is_a_config_error(tmp_path, source, words):
     (tmp_path / "p" / "migrations" / "versions" / "broken.py").write_text(source)
     with pytest.raises(ConfigError, match=words):
         load_scripts(load_config(ini))
+
+
+def test_state_through_env_py_finds_the_version_table_where_env_py_keeps_it(tmp_path, database_url, postgres, database):
+    ini = make_project(tmp_path / "p", chain(2))
+    env = tmp_path / "p" / "migrations" / "env.py"
+    env.write_text(env.read_text().replace("target_metadata=target_metadata", 
+                                           "target_metadata=target_metadata, version_table_schema='app', "
+                                           "version_table='app_version'"))
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute("CREATE SCHEMA app; CREATE TABLE app.app_version (version_num varchar(32) PRIMARY KEY); "
+                     "INSERT INTO app.app_version VALUES ('r0001'); CREATE TABLE public.r_1 (id int)")
+    config = load_config(ini, make_url(database_url).set(drivername="postgresql+psycopg"))
+    state = database_state(config, load_scripts(config))
+    assert (state.kind, state.current, state.schema, state.table) == ("pending", ("r0001",), "app", "app_version")
+    with pytest.raises(ConfigError, match="MIGRATE_VERSION_TABLE_SCHEMA=public but env.py keeps the version table "
+                                          "at app.app_version"):
+        database_state(config, load_scripts(config), version_table_schema="public")
+
+
+def test_legacy_is_refused_while_this_projects_version_table_sits_in_another_schema(tmp_path, database_url, postgres,
+                                                                                  database):
+    _, script = scripts(tmp_path, chain(2))
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute("CREATE SCHEMA app; CREATE TABLE app.alembic_version (version_num varchar(32) PRIMARY KEY); "
+                     "INSERT INTO app.alembic_version VALUES ('r0002'); CREATE TABLE public.r_1 (id int)")
+    engine = create_engine(make_url(database_url).set(drivername="postgresql+psycopg"))
+    with engine.connect() as conn:
+        with pytest.raises(ConfigError, match="app.alembic_version holds revisions of these scripts"):
+            state_of(conn, script)
+        # Another project's version table elsewhere (revisions these scripts do not know) does not count.
+        conn.exec_driver_sql("UPDATE app.alembic_version SET version_num = 'other'")
+        assert state_of(conn, script).kind == "legacy"
+    engine.dispose()
+
+
+def test_applied_between_lists_only_what_lies_between(tmp_path):
+    _, script = scripts(tmp_path, chain(4))
+    assert applied_between(script, (), ("r0002",)) == ["r0001", "r0002"]
+    assert applied_between(script, ("r0002",), ("r0004",)) == ["r0003", "r0004"]
+    assert applied_between(script, ("r0002",), ("r0002",)) == []
+    assert applied_between(script, ("unknown",), ("r0002",)) == []

@@ -1,0 +1,262 @@
+"""The guard that follows the lock: no migration work outlives the lock, whatever env.py's driver.
+
+While the runner migrates, every connection the process opens (the runner's own
+and those env.py opens, through psycopg 3 or 2, asyncpg, pg8000, sync or async)
+is a migration session. On connecting, in one statement of plain SQL run on the
+connection's own cursor (no parameters, so no paramstyle), it
+
+- takes the lock's fence key shared, so that a later holder of the lock waits
+  until this session has ended;
+- proves that it reaches the database the lock protects: it must see the
+  lock's session holding the lock there, otherwise the lock protects nothing
+  and the runner stops (exit 2) before anything is written;
+- gets the runner's session settings (application_name, timeouts), which
+  drivers that ignore libpq's environment would otherwise miss.
+
+A watchdog thread follows the lock's session. Once it is lost the migration
+sessions are cut client-side and ended server-side, and SQLAlchemy's commit
+event refuses every further commit. Statements in flight are seen through
+SQLAlchemy's cursor events, not through any driver's state.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from contextlib import contextmanager
+from typing import Iterator
+
+from sqlalchemy import event
+from sqlalchemy.engine import Engine
+from sqlalchemy.pool import Pool
+
+from . import database
+from .errors import ConfigError, DatabaseUnreachable
+from .lock import CHECK_GRACE, Lock, lock_ids
+
+logger = logging.getLogger("runner.guard")
+
+
+class LockLost(DatabaseUnreachable):
+    """The lock's session was lost while migrating; the migration was stopped."""
+
+
+@contextmanager
+def guarded_by(lock: Lock, *, interval: float = 0.2, grace: float = CHECK_GRACE) -> Iterator["Watchdog"]:
+    """Let the body of the `with` migrate only while the lock's session holds the lock."""
+    watchdog = Watchdog(lock, interval=interval, grace=grace)
+
+    def on_connect(dbapi_connection, record) -> None:
+        if lock.lost:
+            raise LockLost(f"refusing a new migration connection: {lock.lost}")
+        pid = join(lock, dbapi_connection)
+        record.info["runner_pid"] = pid
+        watchdog.track(pid, dbapi_connection)
+
+    def before_commit(connection) -> None:
+        try:
+            held = lock.held()
+        except Exception:
+            held = False
+        if not held:
+            lock.lost = lock.lost or "the advisory lock's session was lost before a commit"
+            raise LockLost(lock.lost)
+
+    def before_execute(connection, *args) -> None:
+        pid = _pid(connection)
+        if pid is not None:
+            watchdog.in_flight[pid] = time.monotonic()
+
+    def after_execute(connection, *args) -> None:
+        watchdog.in_flight.pop(_pid(connection), None)
+
+    def on_error(context) -> None:
+        if context.connection is not None:
+            watchdog.in_flight.pop(_pid(context.connection), None)
+
+    listeners = [(Pool, "connect", on_connect), (Engine, "commit", before_commit),
+                 (Engine, "before_cursor_execute", before_execute), (Engine, "after_cursor_execute", after_execute),
+                 (Engine, "handle_error", on_error)]
+    for target, name, fn in listeners:
+        event.listen(target, name, fn)
+    watchdog.start()
+    try:
+        yield watchdog
+    except Exception as e:
+        if lock.lost and not isinstance(e, LockLost):
+            raise LockLost(lock.lost) from e
+        raise
+    finally:
+        watchdog.stop()
+        for target, name, fn in listeners:
+            event.remove(target, name, fn)
+    if lock.lost:
+        raise LockLost(lock.lost)
+
+
+def join(lock: Lock, dbapi_connection) -> int:
+    """Make a new connection a migration session of `lock`; returns its backend pid."""
+    ids = lock_ids(lock.key)
+    sql = ", ".join([
+        "SELECT pg_backend_pid()",
+        f"pg_advisory_lock_shared({int(lock.fence)})",
+        "EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND granted AND objsubid = 1"
+        f" AND pid = {int(lock.pid)} AND classid::bigint = {ids['classid']} AND objid::bigint = {ids['objid']}"
+        " AND database = (SELECT oid FROM pg_database WHERE datname = current_database()))",
+        "current_database()",
+        *database.settings_sql(),
+    ])
+    try:
+        cursor = dbapi_connection.cursor()
+        try:
+            cursor.execute(sql)
+            pid, _, protected, name = cursor.fetchone()[:4]
+        finally:
+            cursor.close()
+        # A session-level lock outlives the commit; the SETs of set_config need it to last.
+        dbapi_connection.commit()
+    except Exception as e:
+        if database.is_disconnect(e):
+            raise
+        raise ConfigError(f"a connection env.py opened ({database.driver_name(dbapi_connection)}) cannot be "
+                          f"guarded: {type(e).__name__}: {database.first_line(e)}") from None
+    if not protected:
+        raise ConfigError(
+            f"env.py connects to database {name!r} where the runner's lock is not held: the lock protects only "
+            f"the database DATABASE_URL names; make env.py use sqlalchemy.url (an env.py migrating several "
+            f"databases, like alembic's multidb template, is not supported)")
+    return pid
+
+
+def _pid(connection) -> int | None:
+    try:
+        return connection.connection.info.get("runner_pid")
+    except Exception:  # closed or invalidated meanwhile
+        return None
+
+
+# pg_stat_activity for the migration sessions, with who blocks each one waiting on a lock.
+_ACTIVITY = """
+    SELECT a.pid, a.state, extract(epoch FROM clock_timestamp() - a.state_change)::float8,
+           CASE WHEN a.wait_event_type = 'Lock' THEN (
+               SELECT coalesce(json_agg(json_build_object(
+                          'pid', b.pid, 'application_name', b.application_name, 'state', b.state,
+                          'query', left(b.query, 300)) ORDER BY b.pid), '[]'::json)
+                 FROM pg_stat_activity b WHERE b.pid = ANY (pg_blocking_pids(a.pid))) END
+      FROM pg_stat_activity a WHERE a.pid = ANY (%(pids)s)
+"""
+
+
+class Watchdog:
+    """Follows the lock's session and the migration sessions from a thread.
+
+    - the lock's session no longer holds the lock, or does not answer within
+      `grace` seconds: the lock is lost; cut and end every migration session;
+    - a migration session the client has waited on for longer than `grace` is
+      idle on the server for as long (the reply was lost on a half-open
+      connection) or gone: cut it;
+    - a migration session waits on a lock: remember who blocks it, so that a
+      lock_timeout failure can name the blocking session after the wait is over.
+    """
+
+    def __init__(self, lock: Lock, interval: float, grace: float) -> None:
+        self.lock = lock
+        self.interval = interval
+        self.grace = grace
+        self.sessions: dict[int, object] = {}  # backend pid -> DBAPI connection
+        self.in_flight: dict[int, float] = {}  # backend pid -> when the client sent its statement
+        self.blockers: list[dict] = []  # the last blocking sessions seen
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="lock-watchdog", daemon=True)
+        self._last_check = 0.0
+
+    def track(self, pid: int, dbapi_connection) -> None:
+        self.sessions[pid] = dbapi_connection
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not threading.current_thread():
+            self._thread.join(self.grace + 5)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            busy = dict(self.in_flight)
+            # Once a second when idle; at every tick while a statement runs, to see lock waits.
+            if not busy and time.monotonic() - self._last_check < 1.0:
+                continue
+            self._last_check = time.monotonic()
+            try:
+                if not self.lock.held(self.grace):
+                    self._lose("the advisory lock's session no longer holds the lock")
+                    return
+                if self.sessions:
+                    self._check_sessions(busy)
+            except Exception as e:
+                if self._stop.is_set():
+                    return
+                self._lose(f"the advisory lock's session was lost ({type(e).__name__}: "
+                           f"{str(e).strip().splitlines()[0] if str(e).strip() else 'no answer'})")
+                return
+
+    def _check_sessions(self, busy: dict[int, float]) -> None:
+        rows = self.lock.query(_ACTIVITY, {"pids": list(self.sessions)}, self.grace)
+        now = time.monotonic()
+        seen = set()
+        for pid, state, idle_for, blockers in rows:
+            seen.add(pid)
+            if blockers:
+                self.blockers = blockers
+            waited = now - busy[pid] if pid in busy else 0.0
+            if state not in ("active", "fastpath function call") and min(waited, idle_for) > self.grace:
+                logger.error("migration session %d waits for a reply the server sent %.0fs ago: "
+                             "the connection is half-open; closing it", pid, idle_for)
+                self._end(pid)
+        for pid in set(self.sessions) - seen:
+            if pid in busy:
+                logger.error("migration session %d is gone from the server while the runner waits on it; "
+                             "closing it", pid)
+                self._end(pid)
+            self.sessions.pop(pid, None)  # closed: nothing to follow
+
+    def _end(self, pid: int) -> None:
+        database.sever(self.sessions.get(pid))
+        try:
+            self.lock.query("SELECT pg_terminate_backend(%s)", (pid,), self.grace)
+        except Exception:
+            pass
+
+    def _lose(self, why: str) -> None:
+        self.lock.lost = why
+        logger.error("%s: cancelling the migration so that no two runners migrate at once", why)
+        # Cut client-side first: a call blocked on a migration session fails at once, whatever
+        # the driver. The sessions may live on at the server if the network dropped them
+        # silently: end them from a new connection, the migration sessions first so that
+        # their work rolls back before the lock goes.
+        for connection in list(self.sessions.values()):
+            database.sever(connection)
+        _terminate(self.lock, list(self.sessions))
+        database.sever(self.lock.connection.connection.dbapi_connection)
+
+
+def _terminate(lock: Lock, pids: list[int]) -> None:
+    import psycopg
+
+    try:
+        url = lock.connection.engine.url
+        params = {**url.query, **url.translate_connect_args(username="user", database="dbname"), "connect_timeout": 3}
+        with psycopg.connect(autocommit=True, **params) as conn:
+            for group in (pids, [lock.pid]):
+                if not group:
+                    continue
+                conn.execute("SELECT pg_terminate_backend(pid) FROM unnest(%s::int[]) AS pid", (group,))
+                deadline = time.monotonic() + 5
+                while time.monotonic() < deadline and conn.execute(
+                        "SELECT count(*) FROM pg_stat_activity WHERE pid = ANY (%s)", (group,)).fetchone()[0]:
+                    time.sleep(0.1)
+    except Exception as e:
+        logger.warning("could not end this runner's sessions on the server (%s: %s): the server ends them "
+                       "when it notices the connection is gone", type(e).__name__, str(e).strip())
