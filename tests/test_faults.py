@@ -94,12 +94,41 @@ def sleeping_pid(postgres: Postgres, database: str) -> int:
 
 
 # -- the lock and the migration fail together -------------------------------------
+# The runner sets sqlalchemy.url to DATABASE_URL as postgresql+psycopg://; a project on
+# another driver swaps it in env.py before building its engine.
+SWAP_DRIVER = '''
+from sqlalchemy.engine import make_url
+config.set_main_option("sqlalchemy.url", make_url(config.get_main_option("sqlalchemy.url"))
+                       .set(drivername={drivername!r}).render_as_string(hide_password=False).replace("%", "%%"))
+'''
+
+
+def use_driver(root: Path, driver: str) -> None:
+    """Make the project's env.py connect through `driver`: psycopg (the generic template as it is),
+    psycopg2 (the generic template) or asyncpg (the template `alembic init -t async` writes)."""
+    if driver == "psycopg":
+        return
+    if driver == "asyncpg":
+        import alembic
+
+        from .projects import write_env
+
+        write_env(root, (Path(alembic.__file__).parent / "templates" / "async" / "env.py").read_text())
+    env_py = root / "migrations" / "env.py"
+    text, anchor = env_py.read_text(), "config = context.config\n"
+    assert anchor in text
+    env_py.write_text(text.replace(anchor, anchor + SWAP_DRIVER.format(drivername=f"postgresql+{driver}"), 1))
+
+
+@pytest.mark.parametrize("driver", ["psycopg", "psycopg2", "asyncpg"])
 def test_cutting_the_lock_session_stops_the_migration_before_another_runner_migrates(
-        postgres, database, database_url, proxy, tmp_path):
+        postgres, database, database_url, proxy, tmp_path, driver):
     ini = slow_project(tmp_path / "p", seconds=6)
+    use_driver(tmp_path / "p", driver)
     with Monitor(postgres, database) as monitor:
         first = start_runner(runner_env(proxy.url(database_url), ini))
-        wait_for(lambda: sleeping_pid(postgres, database))
+        wait_for(lambda: sleeping_pid(postgres, database) or first.poll() is not None)
+        assert first.poll() is None, finish(first)  # it should be inside r0002, not finished
         # A second runner, not through the proxy, waits for the lock meanwhile.
         second = start_runner(runner_env(database_url, ini, MIGRATE_LOCK_TIMEOUT="60"))
         time.sleep(0.5)
