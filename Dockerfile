@@ -69,13 +69,17 @@ RUN --mount=type=secret,id=ca-bundle,required=false \
 
 WORKDIR /src
 
+# Optional extras: EXTRAS=drivers adds asyncpg, psycopg2 and pg8000 for an env.py that
+# builds its own engine with them (about 25 MB more; psycopg 3 serves sync and async alone).
+ARG EXTRAS=""
+
 # Dependencies first (cached while only the project's code changes).
 COPY pyproject.toml uv.lock ./
 RUN --mount=type=secret,id=ca-bundle,required=false \
     set -eu; \
     [ -n "${SSL_CERT_FILE:-}" ] || unset SSL_CERT_FILE; \
     [ -n "${UV_NATIVE_TLS:-}" ] || unset UV_NATIVE_TLS; \
-    uv sync --locked --no-dev --no-install-project --no-editable
+    uv sync --locked --no-dev --no-install-project --no-editable ${EXTRAS:+--extra "$EXTRAS"}
 
 # Then the project itself, installed as a regular (non-editable) package, and
 # a trim of what only a developer uses (keeps the image under 80 MB on top of
@@ -83,7 +87,7 @@ RUN --mount=type=secret,id=ca-bundle,required=false \
 # (SQLAlchemy's Cython modules, ~8 MB; already-stripped auditwheel/patchelf
 # libraries are left untouched), the test-suite helpers of SQLAlchemy and
 # Alembic (imported only by their own test plugins) and typing/Cython sources.
-ARG CHECK_IMPORTS="import psycopg, pydantic_core, markupsafe._speedups, alembic.command; \
+ARG CHECK_IMPORTS="import psycopg, pydantic_core, markupsafe._speedups, alembic.command, greenlet; \
 assert psycopg.pq.__impl__ == 'binary', psycopg.pq.__impl__; \
 from sqlalchemy.util._has_cython import HAS_CYEXTENSION; assert HAS_CYEXTENSION, 'SQLAlchemy C extensions'"
 COPY README.md ./
@@ -92,14 +96,15 @@ RUN --mount=type=secret,id=ca-bundle,required=false \
     set -eu; \
     [ -n "${SSL_CERT_FILE:-}" ] || unset SSL_CERT_FILE; \
     [ -n "${UV_NATIVE_TLS:-}" ] || unset UV_NATIVE_TLS; \
-    uv sync --locked --no-dev --no-editable; \
+    uv sync --locked --no-dev --no-editable ${EXTRAS:+--extra "$EXTRAS"}; \
     test -x /opt/venv/bin/migration-runner; \
     find /opt/venv -name '*.so*' -type f | while read -r so; do \
         if readelf -S "$so" 2>/dev/null | grep -q '\.symtab'; then strip --strip-unneeded "$so"; fi; \
     done; \
     site=$(/opt/venv/bin/python -c 'import sysconfig; print(sysconfig.get_path("purelib"))'); \
-    rm -rf "$site/sqlalchemy/testing" "$site/alembic/testing"; \
-    find "$site" -type f \( -name '*.pyi' -o -name '*.pxd' -o -name '*.pyx' -o -name '*.c' \) -delete; \
+    rm -rf "$site/sqlalchemy/testing" "$site/alembic/testing" "$site/greenlet/tests"; \
+    find "$site" -type f \( -name '*.pyi' -o -name '*.pxd' -o -name '*.pyx' -o -name '*.c' -o -name '*.cpp' \
+        -o -name '*.hpp' -o -name '*.h' \) -delete; \
     /opt/venv/bin/python -c "$CHECK_IMPORTS"
 
 # ---------------------------------------------------------------------------

@@ -9,3 +9,17 @@ def package_version() -> str:
         return version("migration-runner")
     except PackageNotFoundError:  # running from a source tree
         return "0.0.0"
+
+
+def stack_versions() -> str:
+    """The runner's version and those of what it runs on, for --version and bug reports."""
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    parts = []
+    for name, distribution in (("alembic", "alembic"), ("SQLAlchemy", "sqlalchemy"), ("psycopg", "psycopg")):
+        try:
+            parts.append(f"{name} {version(distribution)}")
+        except PackageNotFoundError:
+            parts.append(f"{name} not installed")
+    return f"migration-runner {package_version()} ({', '.join(parts)}, Python {platform.python_version()})"

@@ -11,7 +11,7 @@ import signal
 import sys
 from pathlib import Path
 
-from . import log, package_version
+from . import log, stack_versions
 from .commands import COMMANDS
 from .envpy import EarlyExit
 from .errors import EXIT_BUG, ConfigError, Interrupted, RunnerError, markdown_table
@@ -31,8 +31,27 @@ HELP = {
 
 class _Version(argparse.Action):
     def __call__(self, parser, namespace, values, option_string=None):
-        print(f"{parser.prog} {package_version()}")
+        sys.__stdout__.write(stack_versions() + "\n")
         parser.exit()
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with usage errors reported like any other configuration error (a log line, a summary)."""
+
+    def error(self, message: str):
+        raise ConfigError(f"{self.prog}: {message} (see --help)")
+
+    def _print_message(self, message: str, file=None) -> None:
+        # Help goes to the real stdout, not through logging (which owns sys.stdout by then).
+        if message:
+            (sys.__stderr__ if file in (sys.stderr, sys.__stderr__) else sys.__stdout__).write(message)
+
+
+def _alembic_options(parser: argparse.ArgumentParser, default) -> None:
+    parser.add_argument("-x", action="append", metavar="KEY=VALUE", default=default,
+                        help="passed to env.py's context.get_x_argument(), as alembic -x (adds to ALEMBIC_X_ARGS)")
+    parser.add_argument("-n", "--name", metavar="SECTION", default=default,
+                        help="section of alembic.ini to use, as alembic -n (overrides ALEMBIC_SECTION)")
 
 
 def _raise_interrupted(signum, frame):
@@ -41,35 +60,45 @@ def _raise_interrupted(signum, frame):
 
 def parser() -> argparse.ArgumentParser:
     env_help = "\n".join(f"  {name:<36} {default or '-':<18} {meaning}" for name, default, meaning in variables())
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="migration-runner",
         description="Bring a PostgreSQL database to the Alembic heads, safely, before an application starts.",
         epilog=f"environment variables (name, default, meaning):\n{env_help}\n\nexit codes:\n{markdown_table()}",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--version", action=_Version, nargs=0, help="print the version and exit")
+    p.add_argument("-V", "--version", action=_Version, nargs=0,
+                   help="print the versions of the runner, alembic, SQLAlchemy and psycopg, and exit")
+    _alembic_options(p, None)
     commands = p.add_subparsers(dest="command", metavar="{" + ",".join(COMMANDS) + "}",
                                 title="commands (default: upgrade)")
     for name, text in HELP.items():
         sub = commands.add_parser(name, help=text, description=text)
+        # Also after the command; SUPPRESS keeps an absent option from hiding one given before it.
+        _alembic_options(sub, argparse.SUPPRESS)
         if name == "plan":
             sub.add_argument("--sql", action="store_true", help="print the SQL alembic would run (offline mode)")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
-    name = args.command or "upgrade"
-    run = COMMANDS[name]
-    if name == "plan":
-        run = functools.partial(run, sql=args.sql)
     signal.signal(signal.SIGTERM, _raise_interrupted)
     signal.signal(signal.SIGINT, _raise_interrupted)
-    log.setup()
-    report = Report(command=name)
+    # In the format asked for from the first line on: a usage error is a log line like the rest.
+    fmt = os.environ.get("MIGRATE_LOG_FORMAT", "").strip().lower()
+    log.setup(fmt if fmt in ("text", "json") else None)
+    report = Report(command="upgrade")
     settings = None
     try:
+        try:
+            args = parser().parse_args(argv)
+        except SystemExit as e:  # --help, --version: done, no summary
+            return e.code or 0
+        name = report.command = args.command or "upgrade"
+        run = COMMANDS[name]
+        if name == "plan":
+            run = functools.partial(run, sql=args.sql)
         settings = Settings.from_env()
+        settings = settings.model_copy(update=_from_options(settings, args))
         log.setup(settings.log_format, settings.log_level)
         if settings.database_url is not None:
             log.add_secret(settings.database_url.get_secret_value())
@@ -90,6 +119,16 @@ def main(argv: list[str] | None = None) -> int:
     termination_log = settings.termination_log if settings else os.environ.get("MIGRATE_TERMINATION_LOG")
     emit(report, code, Path(termination_log) if termination_log else None)
     return code
+
+
+def _from_options(settings: Settings, args: argparse.Namespace) -> dict:
+    """The settings -x and -n change: -x adds to ALEMBIC_X_ARGS, -n replaces ALEMBIC_SECTION."""
+    update = {}
+    if args.x:
+        update["alembic_x_args"] = " ".join([*settings.x_arguments(), *args.x])
+    if args.name:
+        update["alembic_section"] = args.name
+    return update
 
 
 def run() -> None:

@@ -67,7 +67,7 @@ def upgrade(settings: Settings, report: Report) -> int:
             return baseline
 
         try:
-            with guard.guarded_by(lock) as watchdog:
+            with guard.guarded_by(lock, progress=progress, report_every=settings.progress_interval) as watchdog:
                 migrate.upgrade_retrying(config, script, progress, watchdog, decide=decide,
                                          retries=settings.ddl_lock_retries, read_back=read_back,
                                          **_expected_version_table(settings))
@@ -181,7 +181,7 @@ def plan(settings: Settings, report: Report, sql: bool = False) -> int:
         baseline = None if baseline == "base" else baseline
     pending = revisions.pending_revisions(script, start)
     for revision in pending:
-        logger.info("would apply %s: %s", revision.revision, migrate.first_line(revision.doc),
+        logger.info("would apply %s: %s", revision.revision, revisions.first_line(revision.doc),
                     extra={"revision": revision.revision})
     report.pending = [revision.revision for revision in pending]
     report.to_revision = tuple(script.get_heads())
@@ -196,7 +196,8 @@ def plan(settings: Settings, report: Report, sql: bool = False) -> int:
 
 def heads(settings: Settings, report: Report) -> int:
     """Exit 0 naming the single head, or 5 listing the heads; needs no database."""
-    config = revisions.load_config(settings.alembic_config)
+    config = revisions.load_config(settings.alembic_config, section=settings.alembic_section,
+                                   x_args=settings.x_arguments())
     script = revisions.load_scripts(config)
     found = revisions.check_single_head(script)
     report.to_revision = found
@@ -218,8 +219,9 @@ def _scripts(settings: Settings) -> tuple[URL, Config, ScriptDirectory]:
     _session_options(settings, None)
     # env.py gets the URL as given, as it would from alembic.ini; the runner's own sessions add
     # keepalives and timeouts, which other drivers than libpq's would not accept.
-    url = database.with_defaults(given)
-    config = revisions.load_config(settings.alembic_config, given)
+    url = database.with_defaults(database.for_runner(given))
+    config = revisions.load_config(settings.alembic_config, given, section=settings.alembic_section,
+                                   x_args=settings.x_arguments())
     script = revisions.load_scripts(config)
     found = tuple(script.get_heads()) if settings.allow_multiple_heads else revisions.check_single_head(script)
     logger.info("scripts at %s: head %s", script.dir, _names(found), extra={"heads": list(found)})
@@ -268,7 +270,7 @@ def _judge(state: revisions.State, report: Report) -> int:
     if state.kind == "legacy":
         raise PendingRevisions(f"the database has {len(state.tables)} tables but no version table: "
                                f"`upgrade` needs MIGRATE_BASELINE_REVISION")
-    described = ", ".join(f"{r.revision} ({r.doc})" for r in pending)
+    described = ", ".join(f"{r.revision} ({revisions.first_line(r.doc)})" for r in pending)
     raise PendingRevisions(f"{len(pending)} revisions pending at {_names(state.current)}: {described}")
 
 
@@ -315,7 +317,7 @@ def _print_sql(config: Config, script: ScriptDirectory, start: tuple[str, ...], 
         envpy.run(config, script, steps, as_sql=True, starting_rev=start[0] if start else None,
                   destination_rev="heads")
     except Exception as e:
-        where = f"revision {running[-1].revision} ({migrate.first_line(running[-1].doc)})" if running else "env.py"
+        where = f"revision {running[-1].revision} ({revisions.first_line(running[-1].doc)})" if running else "env.py"
         raise ConfigError(f"plan --sql: {where} cannot be rendered offline (it needs a live database?): "
                           f"{type(e).__name__}: {first_line(e)}") from None
     sys.__stdout__.write(buffer.getvalue())

@@ -34,6 +34,28 @@ LIBPQ_DEFAULTS = {
 _USER_PGOPTIONS = os.environ.get("PGOPTIONS", "")
 
 
+# Query parameters of other drivers' URLs that libpq does not know, and what they become.
+_FOREIGN_PARAMETERS = {"ssl": "sslmode", "prepared_statement_cache_size": None, "command_timeout": None,
+                       "timeout": "connect_timeout", "tcp_keepalive": None}
+_SSL_VALUES = {"true": "require", "false": "disable"}
+
+
+def for_runner(url: URL) -> URL:
+    """The URL the runner's own sessions use: psycopg 3, with another driver's parameters translated."""
+    if url.drivername == "postgresql+psycopg":
+        return url
+    query = {}
+    for name, value in url.query.items():
+        if url.drivername != "postgresql+psycopg2" and name in _FOREIGN_PARAMETERS:
+            name = _FOREIGN_PARAMETERS[name]
+            if name is None:
+                continue
+            if name == "sslmode" and isinstance(value, str):
+                value = _SSL_VALUES.get(value.lower(), value)
+        query[name] = value
+    return url.set(drivername="postgresql+psycopg", query=query)
+
+
 def with_defaults(url: URL) -> URL:
     """The URL plus our libpq defaults for every parameter the user did not set."""
     return url.update_query_dict({k: v for k, v in LIBPQ_DEFAULTS.items() if k not in url.query})

@@ -21,6 +21,10 @@ from . import database
 from .errors import ConfigError, DatabaseUnreachable, RunnerError
 
 
+# Driver modules SQLAlchemy imports for a URL, and the package that provides each.
+_DRIVERS = {"asyncpg": "asyncpg", "psycopg2": "psycopg2-binary", "pg8000": "pg8000"}
+
+
 class EarlyExit(Exception):
     """env.py or a revision raised SystemExit: the run stopped before its end."""
 
@@ -48,6 +52,10 @@ def failure(error: BaseException) -> RunnerError:
     """The RunnerError for env.py failing before any revision ran."""
     if isinstance(error, RunnerError):
         return error
+    if isinstance(error, ModuleNotFoundError) and error.name in _DRIVERS:
+        return ConfigError(f"env.py's engine needs the driver {error.name!r}, which is not installed: add "
+                           f"{_DRIVERS[error.name]} to the image (pip install in a derived image, or build with "
+                           f"--build-arg EXTRAS=drivers), or use postgresql+psycopg:// (sync and async)")
     if isinstance(error, EarlyExit):
         return ConfigError(f"env.py exited ({error}) before running the migrations; nothing was applied")
     if isinstance(error, DBAPIError) or database.sqlstate(error):

@@ -43,9 +43,14 @@ class LockLost(DatabaseUnreachable):
 
 
 @contextmanager
-def guarded_by(lock: Lock, *, interval: float = 0.2, grace: float = CHECK_GRACE) -> Iterator["Watchdog"]:
-    """Let the body of the `with` migrate only while the lock's session holds the lock."""
-    watchdog = Watchdog(lock, interval=interval, grace=grace)
+def guarded_by(lock: Lock, *, interval: float = 0.2, grace: float = CHECK_GRACE, progress=None,
+               report_every: float = 15.0) -> Iterator["Watchdog"]:
+    """Let the body of the `with` migrate only while the lock's session holds the lock.
+
+    `progress` (migrate.Progress) tells the watchdog which revision runs since when: every
+    `report_every` seconds of one revision it logs what the server says its sessions do.
+    """
+    watchdog = Watchdog(lock, interval=interval, grace=grace, progress=progress, report_every=report_every)
 
     def on_connect(dbapi_connection, record) -> None:
         if lock.lost:
@@ -139,6 +144,7 @@ def _pid(connection) -> int | None:
 # pg_stat_activity for the migration sessions, with who blocks each one waiting on a lock.
 _ACTIVITY = """
     SELECT a.pid, a.state, extract(epoch FROM clock_timestamp() - a.state_change)::float8,
+           a.wait_event_type, a.wait_event,
            CASE WHEN a.wait_event_type = 'Lock' THEN (
                SELECT coalesce(json_agg(json_build_object(
                           'pid', b.pid, 'application_name', b.application_name, 'state', b.state,
@@ -160,8 +166,11 @@ class Watchdog:
       lock_timeout failure can name the blocking session after the wait is over.
     """
 
-    def __init__(self, lock: Lock, interval: float, grace: float) -> None:
+    def __init__(self, lock: Lock, interval: float, grace: float, progress=None, report_every: float = 15.0) -> None:
         self.lock = lock
+        self.progress = progress
+        self.report_every = report_every
+        self._reported = (None, 0.0)  # (revision, seconds into it) of the last "still running" line
         self.interval = interval
         self.grace = grace
         self.sessions: dict[int, object] = {}  # backend pid -> DBAPI connection
@@ -205,8 +214,9 @@ class Watchdog:
     def _check_sessions(self, busy: dict[int, float]) -> None:
         rows = self.lock.query(_ACTIVITY, {"pids": list(self.sessions)}, self.grace)
         now = time.monotonic()
+        self._report_progress(rows, busy, now)
         seen = set()
-        for pid, state, idle_for, blockers in rows:
+        for pid, state, idle_for, _, _, blockers in rows:
             seen.add(pid)
             if blockers:
                 self.blockers = blockers
@@ -221,6 +231,30 @@ class Watchdog:
                              "closing it", pid)
                 self._end(pid)
             self.sessions.pop(pid, None)  # closed: nothing to follow
+
+    def _report_progress(self, rows: list, busy: dict[int, float], now: float) -> None:
+        progress = self.progress
+        if progress is None or not progress.inside or progress.running is None:
+            return
+        revision, seconds = progress.running, now - progress.started
+        last_revision, last_seconds = self._reported
+        due = last_seconds + self.report_every if last_revision is revision else self.report_every
+        if seconds < due:
+            return
+        self._reported = (revision, seconds)
+        sessions = []
+        for pid, state, _, wait_type, wait_event, blockers in rows:
+            if pid not in busy:
+                continue
+            line = f"session {pid} {state}" + (f", waits on {wait_type}:{wait_event}" if wait_type else "")
+            if blockers:
+                line += ", blocked by " + "; ".join(
+                    f"pid {b['pid']} ({b.get('application_name') or '?'}, {b.get('state')}: "
+                    f"{' '.join((b.get('query') or '').split())[:120]!r})" for b in blockers)
+            sessions.append(line)
+        logger.info("revision %s still running after %.0fs: %s", revision.revision, seconds,
+                    "; ".join(sessions) or "no statement in flight", extra={"revision": revision.revision,
+                                                                               "seconds": round(seconds, 1)})
 
     def _end(self, pid: int) -> None:
         database.sever(self.sessions.get(pid))

@@ -134,13 +134,36 @@ def holders(connection: Connection, key: int) -> list[dict]:
     return [dict(row._mapping) for row in connection.execute(_HOLDERS, lock_ids(key))]
 
 
-def describe_holders(rows: list[dict]) -> str:
+# A runner's migration sessions hold its fence key shared: what they are doing now.
+_MIGRATING = text("""
+    SELECT a.pid, a.state, a.wait_event_type, a.wait_event,
+           extract(epoch FROM clock_timestamp() - a.query_start)::float8 AS seconds, left(a.query, 200) AS query
+      FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
+     WHERE l.locktype = 'advisory' AND l.mode = 'ShareLock' AND l.granted AND l.objsubid = 1
+       AND l.classid::bigint = :classid AND l.objid::bigint = :objid
+       AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+     ORDER BY a.state = 'active' DESC, a.pid
+""")
+
+
+def migrating(connection: Connection, key: int) -> list[dict]:
+    """The migration sessions of whoever holds the lock `key` (they hold its fence key shared)."""
+    return [dict(row._mapping) for row in connection.execute(_MIGRATING, lock_ids(fence_key(key)))]
+
+
+def describe_holders(rows: list[dict], sessions: list[dict] = ()) -> str:
     if not rows:
         return "no session holds it now"
+    if sessions:
+        # The lock's own session is idle while its runner migrates: say what the migration does.
+        s = sessions[0]
+        waits = f", waiting on {s['wait_event_type']}:{s['wait_event']}" if s["wait_event_type"] else ""
+        doing = (f"migrating: session {s['pid']} {s['state']} for {s['seconds'] or 0:.0f}s{waits}, "
+                 f"{' '.join((s['query'] or '').split())!r}")
     return "; ".join(
         f"pid {r['pid']} ({r['application_name'] or '?'} from {r['client_addr'] or 'local socket'}, "
-        f"connected since {r['backend_start']:%Y-%m-%d %H:%M:%S%z}, {r['state']})" if r["backend_start"]
-        else f"pid {r['pid']}"
+        f"connected since {r['backend_start']:%Y-%m-%d %H:%M:%S%z}, {doing if sessions else r['state']})"
+        if r["backend_start"] else f"pid {r['pid']}"
         for r in rows
     )
 
@@ -186,13 +209,14 @@ def advisory_lock(url: URL, key: int | None, timeout: float, *, schema: str | No
         def report(state: tenacity.RetryCallState) -> None:
             close_spare()
             rows = holders(connection, key)
-            who = describe_holders(rows)
+            who = describe_holders(rows, migrating(connection, key))
             waited = time.monotonic() - started
             # Say who holds it when that changes, and every 15 s otherwise.
             if who != last_report[0] or waited - last_report[1] >= 15:
                 last_report[:] = [who, waited]
                 logger.info("waiting for lock %d, held by %s; waited %.0fs of %gs",
-                            key, who, waited, timeout, extra={"lock_key": key, "holders": rows})
+                            key, who, waited, timeout, extra={"lock_key": key, "lock_key_str": str(key),
+                                                              "holders": rows})
 
         retrying = tenacity.Retrying(
             stop=tenacity.stop_after_delay(timeout),
@@ -208,14 +232,14 @@ def advisory_lock(url: URL, key: int | None, timeout: float, *, schema: str | No
             pids = ", ".join(str(row["pid"]) for row in rows) or "<pid>"
             raise LockTimeout(
                 f"lock {key} not acquired within {timeout:g}s (MIGRATE_LOCK_TIMEOUT); held by "
-                f"{describe_holders(rows)}; if that session is stuck, end it with: "
+                f"{describe_holders(rows, migrating(connection, key))}; if that session is stuck, end it with: "
                 f"SELECT pg_terminate_backend({pids});") from None
         lock = Lock(key=key, connection=connection, pid=pid, waited=time.monotonic() - started)
         _refuse_transaction_pooling(lock, engine, second_session)
         close_spare()
         _wait_for_fence(connection, lock.fence, max(1.0, timeout - lock.waited), sleep)
         lock.waited = time.monotonic() - started
-        logger.info("lock %d acquired after %.1fs", key, lock.waited, extra={"lock_key": key, "lock_wait": round(lock.waited, 3)})
+        logger.info("lock %d acquired after %.1fs", key, lock.waited, extra={"lock_key": key, "lock_key_str": str(key), "lock_wait": round(lock.waited, 3)})
         yield lock
     finally:
         close_spare()

@@ -40,17 +40,26 @@ _format = "text"
 
 def add_secret(secret: str | None) -> None:
     """Mask this value, raw and percent-encoded, in all output from now on."""
+    global _secret_pattern
     if secret:
         # SQLAlchemy percent-encodes fewer characters than urllib does.
         rendered = URL.create("x", username="u", password=secret).render_as_string(hide_password=False)
         sqlalchemy_form = rendered.removeprefix("x://u:").removesuffix("@")
         _secrets.update({secret, quote(secret, safe=""), quote_plus(secret), sqlalchemy_form} - {""})
+        # Whole tokens only: a short password must not mask the "p" of every "upgrade". One of
+        # fewer than 4 characters is masked only where it stands as a password (URL, password=).
+        alternatives = "|".join(re.escape(s) for s in sorted(_secrets, key=len, reverse=True) if len(s) >= 4)
+        if alternatives:
+            _secret_pattern = re.compile(rf"(?<![A-Za-z0-9])(?:{alternatives})(?![A-Za-z0-9])")
+
+
+_secret_pattern: re.Pattern | None = None
 
 
 def redact(text: str) -> str:
     """The text with every registered secret and URL credential masked."""
-    for secret in sorted(_secrets, key=len, reverse=True):
-        text = text.replace(secret, MASK)
+    if _secret_pattern is not None:
+        text = _secret_pattern.sub(MASK, text)
     text = _URL_CREDENTIALS.sub(rf"\g<1>{MASK}@", text)
     return _PASSWORD_PARAM.sub(rf"\g<1>{MASK}", text)
 
@@ -91,7 +100,11 @@ class TextFormatter(logging.Formatter):
         super().__init__("%(asctime)s %(levelname)-7s %(message)s", "%H:%M:%S")
 
     def format(self, record: logging.LogRecord) -> str:
-        return redact(super().format(record))
+        text = redact(super().format(record))
+        if record.name.startswith("alembic") and "\n" in text and not record.exc_info:
+            # "Running upgrade a -> b, <message>": a message of several lines, its first line only.
+            text = text.split("\n", 1)[0] + " ..."
+        return text
 
 
 class _LineWriter(io.TextIOBase):

@@ -40,6 +40,7 @@ class Progress:
     committed_inside: int = 0
     inside: bool = False
     raised_inside: bool = False  # the running revision's upgrade() raised (SystemExit included)
+    started: float = 0.0  # when the running revision began (time.monotonic)
 
 
 def upgrade(config: Config, script: ScriptDirectory, progress: Progress,
@@ -80,7 +81,7 @@ def _timed(migration_fn, revision, progress: Progress):
     def timed_upgrade(**kwargs):
         progress.running = revision
         progress.committed_inside = 0
-        started = time.monotonic()
+        started = progress.started = time.monotonic()
         progress.inside = True
         try:
             migration_fn(**kwargs)
@@ -91,15 +92,10 @@ def _timed(migration_fn, revision, progress: Progress):
             progress.inside = False
         seconds = time.monotonic() - started
         # Ran, not applied: it is applied once env.py commits it, which the read-back tells.
-        logger.info("ran %s (%s) in %.2fs", revision.revision, first_line(revision.doc), seconds,
+        logger.info("ran %s (%s) in %.2fs", revision.revision, revisions.first_line(revision.doc), seconds,
                     extra={"revision": revision.revision, "seconds": round(seconds, 3)})
 
     return timed_upgrade
-
-
-def first_line(text: str | None) -> str:
-    """A revision's message as one line (messages may span several)."""
-    return (text or "").strip().splitlines()[0] if (text or "").strip() else ""
 
 
 def upgrade_retrying(config: Config, script: ScriptDirectory, progress: Progress, watchdog: Watchdog, *,
@@ -155,7 +151,7 @@ def describe_blockers(blockers: list[dict]) -> str:
 def explain_failure(error: BaseException, progress: Progress, read_back: Callable[[], tuple]) -> RunnerError:
     """The RunnerError for an exception raised while upgrading, with where the database is now."""
     revision = progress.running
-    where = f"revision {revision.revision} ({first_line(revision.doc)})" if revision else "env.py, before any revision ran"
+    where = f"revision {revision.revision} ({revisions.first_line(revision.doc)})" if revision else "env.py, before any revision ran"
 
     def at() -> str:
         try:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import argparse
 import configparser
+import tomllib
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,20 +20,61 @@ from . import envpy
 from .errors import ConfigError, DatabaseAhead, LegacyDatabase, MultipleHeads
 
 
-def load_config(path: Path, url: URL | None = None) -> Config:
-    """alembic.ini, with sqlalchemy.url set to the runner's URL when there is one."""
-    if not path.is_file():
-        raise ConfigError(f"ALEMBIC_CONFIG: {path} does not exist or is not a file")
+def load_config(path: Path, url: URL | None = None, *, section: str = "alembic", x_args: list[str] = (),
+                cwd: Path | None = None) -> Config:
+    """alembic's Config as its command line makes it, with sqlalchemy.url set to the runner's URL.
+
+    `path` is alembic.ini or a pyproject.toml; the other file of the pair is found as
+    alembic's CLI finds it (beside `path`, or in the working directory), then
+    `section` is `-n` and `x_args` are the `-x` options.
+    """
+    ini, toml = _config_files(path, cwd or Path.cwd())
     try:
-        path.open().close()
-        config = Config(str(path))
+        for file in (ini, toml):
+            if file is not None:
+                file.open().close()
+        config = Config(str(ini) if ini else None, toml_file=str(toml) if toml else None, ini_section=section,
+                        cmd_opts=argparse.Namespace(x=list(x_args), config=str(ini or toml), name=section))
         config.file_config  # parse now, so a broken file is a config error here
-    except (OSError, configparser.Error) as e:
-        raise ConfigError(f"ALEMBIC_CONFIG: cannot read {path}: {str(e).splitlines()[0]}") from None
+        config.toml_alembic_config
+    except (OSError, configparser.Error, tomllib.TOMLDecodeError) as e:
+        raise ConfigError(f"ALEMBIC_CONFIG: cannot read {ini or toml}: {str(e).splitlines()[0]}") from None
+    if ini is not None and not config.file_config.has_section(section):
+        sections = ", ".join(config.file_config.sections()) or "none"
+        raise ConfigError(f"ALEMBIC_SECTION: {ini} has no [{section}] section (it has: {sections}); "
+                          f"ALEMBIC_SECTION or -n names the section alembic -n would")
+    if config.get_main_option("databases"):
+        raise ConfigError(
+            f"{ini} lists `databases` (alembic's multidb template): the runner locks and checks only the database "
+            f"DATABASE_URL names; run one runner per database, each with an alembic.ini of one database")
     if url is not None:
         # configparser interpolates %: a percent-encoded password must be doubled.
         config.set_main_option("sqlalchemy.url", url.render_as_string(hide_password=False).replace("%", "%%"))
     return config
+
+
+def _config_files(path: Path, cwd: Path) -> tuple[Path | None, Path | None]:
+    """(alembic.ini, pyproject.toml) for ALEMBIC_CONFIG=`path`; either may be absent, not both."""
+    if path.name == "pyproject.toml":
+        if not path.is_file():
+            raise ConfigError(f"ALEMBIC_CONFIG: {path} does not exist or is not a file")
+        ini = next((p for p in (path.with_name("alembic.ini"), cwd / "alembic.ini") if p.is_file()), None)
+        return ini, path
+    toml = next((p for p in (path.with_name("pyproject.toml"), cwd / "pyproject.toml") if _has_alembic_table(p)), None)
+    if path.is_file():
+        return path, toml
+    if toml is None:
+        raise ConfigError(f"ALEMBIC_CONFIG: {path} does not exist or is not a file (nor is there a pyproject.toml "
+                          f"with [tool.alembic] beside it or in {cwd})")
+    return None, toml
+
+
+def _has_alembic_table(path: Path) -> bool:
+    try:
+        with path.open("rb") as f:
+            return "alembic" in tomllib.load(f).get("tool", {})
+    except (OSError, tomllib.TOMLDecodeError):
+        return False
 
 
 def load_scripts(config: Config) -> ScriptDirectory:
@@ -39,7 +82,13 @@ def load_scripts(config: Config) -> ScriptDirectory:
     try:
         script = ScriptDirectory.from_config(config)
     except CommandError as e:
-        raise ConfigError(f"ALEMBIC_CONFIG: {config.config_file_name}: {e}") from None
+        where = config.config_file_name or config.toml_file_name
+        hint = ""
+        if "script_location" in str(e):
+            hint = (f" (looked in section [{config.config_ini_section}] of {config.config_file_name}"
+                    f"{' and [tool.alembic] of ' + config.toml_file_name if config.toml_file_name else ''}; "
+                    f"ALEMBIC_SECTION or -n names another section)")
+        raise ConfigError(f"ALEMBIC_CONFIG: {where}: {e}{hint}") from None
     try:
         with envpy.no_exit():
             script.revision_map.heads
@@ -54,13 +103,18 @@ def check_single_head(script: ScriptDirectory) -> tuple[str, ...]:
     heads = tuple(script.get_heads())
     if len(heads) > 1:
         described = ", ".join(
-            f"{head} (parent {_parents(script, head)}: {script.get_revision(head).doc or ''})".replace(": )", ")")
+            f"{head} (parent {_parents(script, head)}: {first_line(script.get_revision(head).doc)})".replace(": )", ")")
             for head in heads)
         ancestor = common_ancestor(script, heads) or "base"
         raise MultipleHeads(
             f"the scripts have {len(heads)} heads: {described}; common ancestor {ancestor}; merge them with: "
             f"{merge_command(heads)} (or set MIGRATE_ALLOW_MULTIPLE_HEADS=true)")
     return heads
+
+
+def first_line(text: str | None) -> str:
+    """A revision's message as one line (messages may span several)."""
+    return (text or "").strip().splitlines()[0] if (text or "").strip() else ""
 
 
 def common_ancestor(script: ScriptDirectory, heads) -> str | None:
@@ -204,7 +258,7 @@ def current_heads(connection: Connection, *, version_table: str, schema: str | N
 
 def applied_between(script: ScriptDirectory, before: tuple[str, ...], after: tuple[str, ...]) -> list[str]:
     """The revisions `upgrade` applied to go from `before` to `after`, oldest first."""
-    if not all(_known(script, revision) for revision in (*before, *after)):
+    if set(before) == set(after) or not all(_known(script, revision) for revision in (*before, *after)):
         return []
     reached = {r.revision for head in after for r in script.iterate_revisions(head, "base")}
     return [r.revision for r in pending_revisions(script, before) if r.revision in reached]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Literal
 
@@ -13,7 +14,17 @@ from sqlalchemy.exc import ArgumentError
 from .errors import ConfigError
 
 INT64 = 2**63
-DRIVERS = {"postgres", "postgresql", "postgresql+psycopg"}
+# URL schemes accepted, and the driver env.py receives for each: the application's own URL
+# works as it is. The runner's own sessions always use psycopg 3 (database.for_runner).
+DRIVERS = {
+    "postgres": "postgresql+psycopg",
+    "postgresql": "postgresql+psycopg",
+    "postgresql+psycopg": "postgresql+psycopg",
+    "postgresql+psycopg_async": "postgresql+psycopg_async",
+    "postgresql+psycopg2": "postgresql+psycopg2",
+    "postgresql+asyncpg": "postgresql+asyncpg",
+    "postgresql+pg8000": "postgresql+pg8000",
+}
 
 
 class Settings(BaseSettings):
@@ -28,7 +39,14 @@ class Settings(BaseSettings):
         None, alias="DATABASE_URL_FILE",
         description="File holding the URL (a mounted Secret); exactly one of this and DATABASE_URL.")
     alembic_config: Path = Field(
-        Path("alembic.ini"), alias="ALEMBIC_CONFIG", description="Path of alembic.ini.")
+        Path("alembic.ini"), alias="ALEMBIC_CONFIG",
+        description="Path of alembic.ini, or of a pyproject.toml with [tool.alembic] (alembic -c).")
+    alembic_section: str = Field(
+        "alembic", min_length=1, alias="ALEMBIC_SECTION",
+        description="Section of alembic.ini holding script_location and the URL (alembic -n).")
+    alembic_x_args: str | None = Field(
+        None, alias="ALEMBIC_X_ARGS",
+        description="Whitespace-separated key=value items for env.py's context.get_x_argument(), each one alembic -x.")
     wait_timeout: float = Field(
         60, ge=0, alias="MIGRATE_WAIT_TIMEOUT",
         description="Seconds to wait for the database to accept connections.")
@@ -65,6 +83,9 @@ class Settings(BaseSettings):
     ddl_lock_retries: int = Field(
         0, ge=0, le=100, alias="MIGRATE_DDL_LOCK_RETRIES",
         description="Times to retry, with backoff, a revision that rolled back on MIGRATE_DDL_LOCK_TIMEOUT.")
+    progress_interval: float = Field(
+        15, gt=0, alias="MIGRATE_PROGRESS_INTERVAL",
+        description="Seconds between lines saying a long revision is still running, and on what it waits.")
     termination_log: Path | None = Field(
         None, alias="MIGRATE_TERMINATION_LOG",
         description="File for the final JSON summary; default /dev/termination-log when it is writable.")
@@ -97,6 +118,10 @@ class Settings(BaseSettings):
                 raise ConfigError(f"DATABASE_URL_FILE: cannot read {path}: {e.strerror}") from None
         return parse_url(raw.strip(), name)
 
+    def x_arguments(self) -> list[str]:
+        """ALEMBIC_X_ARGS as the list alembic's `-x` options make."""
+        return (self.alembic_x_args or "").split()
+
     @classmethod
     def from_env(cls) -> "Settings":
         """Read the environment, translating validation errors to one ConfigError line."""
@@ -110,19 +135,38 @@ def parse_url(raw: str, name: str = "DATABASE_URL") -> URL:
     """Parse a libpq-style URL without ever echoing it (it may hold a password)."""
     if not raw:
         raise ConfigError(f"{name}: the URL is empty")
+    _refuse_unencoded(raw, name)
     try:
         url = make_url(raw)
     except (ArgumentError, ValueError):
         raise ConfigError(f"{name}: not a PostgreSQL URL (postgresql://USER@HOST:PORT/DATABASE, password percent-encoded)") from None
     if url.drivername not in DRIVERS:
-        raise ConfigError(f"{name}: unsupported scheme {url.drivername!r}; use postgresql:// (psycopg 3)")
+        raise ConfigError(f"{name}: unsupported scheme {url.drivername!r}; use one of {', '.join(sorted(DRIVERS))}")
     if not url.database:
         raise ConfigError(f"{name}: the URL names no database")
+    if any(mark in (url.host or "") + (url.database or "") for mark in "@ "):
+        raise ConfigError(f"{name}: the URL does not parse as intended (an '@' or a space after the user info); "
+                          f"{_ENCODE}")
     ports = [url.port] if url.port is not None else []
     ports += [int(p) for p in str(url.query.get("port", "")).split(",") if p.strip().lstrip("-").isdigit()]
     if any(not 0 < port < 65536 for port in ports):
         raise ConfigError(f"{name}: the port must be between 1 and 65535")
-    return url.set(drivername="postgresql+psycopg")
+    return url.set(drivername=DRIVERS[url.drivername])
+
+
+_ENCODE = "percent-encode special characters in the password (@ as %40, / as %2F, % as %25, : as %3A, space as %20)"
+
+
+def _refuse_unencoded(raw: str, name: str) -> None:
+    """Say, before connecting and without echoing it, that the user info was not percent-encoded."""
+    authority = raw.split("://", 1)[-1].split("?", 1)[0]
+    if "@" not in authority:
+        return
+    user_info, host_part = authority.rsplit("@", 1)
+    if "@" in user_info.split("/", 1)[0] or "/" in host_part.split("/", 1)[0] and "@" in host_part:
+        raise ConfigError(f"{name}: the URL holds more than one '@' before the host; {_ENCODE}")
+    if re.search(r"%(?![0-9A-Fa-f]{2})", user_info):
+        raise ConfigError(f"{name}: the user info holds a '%' that is not a percent-escape; {_ENCODE}")
 
 
 def _describe(err: dict) -> str:

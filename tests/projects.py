@@ -63,7 +63,8 @@ def make_project(root: Path, revisions: list[Rev], template: str = "generic") ->
     """An alembic project in `root` made by `alembic init`; returns the path of its alembic.ini."""
     root.mkdir(parents=True, exist_ok=True)
     ini = root / "alembic.ini"
-    command.init(Config(str(ini)), str(root / "migrations"), template=template)
+    toml = str(root / "pyproject.toml") if template.startswith("pyproject") else None
+    command.init(Config(str(ini), toml_file=toml), str(root / "migrations"), template=template)
     add_revisions(root, revisions)
     return ini
 

@@ -22,12 +22,20 @@ def test_redact_masks_url_credentials_and_password_parameters_it_was_never_told_
 
 
 def test_json_formatter_masks_values_but_not_keys():
-    log.add_secret("lev")
-    record = logging.makeLogRecord({"msg": "secret lev here", "levelname": "INFO", "name": "runner",
-                                    "holders": [{"query": "lev"}]})
+    log.add_secret("evel")  # inside the key "level"
+    record = logging.makeLogRecord({"msg": "secret evel here", "levelname": "INFO", "name": "runner",
+                                    "holders": [{"query": "evel"}]})
     entry = json.loads(log.JsonFormatter().format(record))
     assert entry["event"] == "secret *** here" and entry["holders"] == [{"query": "***"}]
     assert {"time", "level", "logger", "event"} <= set(entry) and entry["level"] == "info"
+
+
+def test_secrets_are_masked_as_whole_tokens_and_short_ones_only_where_they_are_passwords():
+    log.add_secret("gradeA")
+    log.add_secret("up")
+    assert log.redact("upgrade to gradeA, not upgradeAbc") == "upgrade to ***, not upgradeAbc"
+    assert log.redact("postgresql://app:up@db/shop and password=up") == "postgresql://app:***@db/shop and password=***"
+    assert log.redact("/srv/up/alembic.ini") == "/srv/up/alembic.ini"
 
 
 SCRIPT = textwrap.dedent("""
