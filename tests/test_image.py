@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -27,6 +28,7 @@ from alembic.script import ScriptDirectory
 
 from . import image
 from .conftest import tables, version_rows
+from .projects import chain, make_project
 
 pytestmark = pytest.mark.slow
 
@@ -353,6 +355,40 @@ def test_time_from_container_start_to_first_connection_attempt(container):
     print(f"\ncontainer start -> first connection attempt: {first_attempt:.2f}s "
           f"(buildah run of /bin/true alone: {overhead:.2f}s)")
     assert first_attempt < 20
+
+
+def copy_project(ini: Path, root: Path) -> None:
+    """The project into the container at `root`, its script_location relative to its alembic.ini."""
+    shutil.copytree(ini.parent, root)
+    text = re.sub(r"(?m)^script_location = .*$", "script_location = %(here)s/migrations", ini.read_text())
+    (root / "alembic.ini").write_text(text)
+
+
+@pytest.mark.parametrize("scheme", ["postgresql", "postgresql+psycopg_async"])
+def test_async_template_runs_in_the_image(runner_image, database_url, tmp_path, scheme):
+    """`alembic init -t async`: SQLAlchemy's asyncio needs greenlet, which the image carries."""
+    project = make_project(tmp_path / "async", chain(2), template="async")
+    url = database_url.replace("postgresql://", f"{scheme}://", 1)
+    with image.Container(runner_image) as c:
+        copy_project(project, c.mountpoint / "async-app")
+        env = {**runner_env(url), "ALEMBIC_CONFIG": "/async-app/alembic.ini"}
+        run = c.run(["migration-runner"], env=env)
+        assert run.returncode == 0, run.stdout + run.stderr
+        assert records(run.stdout + run.stderr)[-1]["applied"] == ["r0001", "r0002"]
+    assert version_rows(database_url) == ["r0002"]
+
+
+def test_a_driver_the_image_lacks_is_named(runner_image, database_url, tmp_path):
+    project = make_project(tmp_path / "async", chain(1), template="async")
+    with image.Container(runner_image) as c:
+        copy_project(project, c.mountpoint / "async-app")
+        env = {**runner_env(database_url.replace("postgresql://", "postgresql+asyncpg://", 1)),
+               "ALEMBIC_CONFIG": "/async-app/alembic.ini"}
+        run = c.run(["migration-runner"], env=env)
+    assert run.returncode == 2, run.stdout + run.stderr
+    event = records(run.stdout + run.stderr)[-1]["event"]
+    assert "'asyncpg'" in event and "EXTRAS=drivers" in event
+    assert version_rows(database_url) == []
 
 
 # -- the two ways of use --------------------------------------------------------------------------
