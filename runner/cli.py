@@ -11,7 +11,7 @@ import signal
 import sys
 from pathlib import Path
 
-from . import log, stack_versions
+from . import guard, log, stack_versions
 from .commands import COMMANDS
 from .envpy import EarlyExit
 from .errors import EXIT_BUG, ConfigError, Interrupted, RunnerError, markdown_table
@@ -83,6 +83,7 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _raise_interrupted)
     signal.signal(signal.SIGINT, _raise_interrupted)
+    guard.cancel_on_signals()
     # In the format asked for from the first line on: a usage error is a log line like the rest.
     fmt = os.environ.get("MIGRATE_LOG_FORMAT", "").strip().lower()
     log.setup(fmt if fmt in ("text", "json") else None)

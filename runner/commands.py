@@ -1,7 +1,8 @@
 """The runner's commands: each a verb taking the settings first, filling in a Report, returning an exit code.
 
 `upgrade` is the one that writes (through `migrate`, under the lock); `check`,
-`wait`, `plan` and `heads` only read, take no lock and run no DDL.
+`wait` and `plan` read through env.py as `alembic current` does and take no
+lock; `heads` needs no database.
 """
 
 from __future__ import annotations
@@ -51,8 +52,13 @@ def upgrade(settings: Settings, report: Report) -> int:
                 return revisions.current_heads(connection, version_table=progress.state.table,
                                                schema=progress.state.schema)
 
+        attempts = []
+
         def decide(state: revisions.State) -> str | None:
-            report.from_revision = report.to_revision = state.current
+            attempts.append(state)
+            if len(attempts) == 1:  # where the run started; a retry starts where the last attempt ended
+                report.from_revision = state.current
+            report.to_revision = state.current
             _log_state(state)
             if state.kind == "ahead":
                 revisions.refuse_ahead(state)
@@ -73,15 +79,16 @@ def upgrade(settings: Settings, report: Report) -> int:
                                          **_expected_version_table(settings))
                 if progress.state is None:
                     raise revisions.NoMigrationsRun()
-            # Success is what the database says, read back, not what env.py returned.
-            reached = revisions.current_heads(lock.connection, version_table=progress.state.table,
-                                              schema=progress.state.schema)
         except Exception as e:
             if progress.state is None:
                 raise envpy.failure(e) from None
-            failure = migrate.explain_failure(e, progress, read_back)
-            _record_reached(report, script, progress.start, read_back)
-            raise failure from None
+            reached = _read_or_none(read_back)
+            if reached is not None:
+                report.to_revision = reached
+                report.applied = revisions.applied_between(script, progress.start, reached)
+            raise migrate.explain_failure(e, progress, lambda: _known(reached)) from None
+        # Success is what the database says, read back, not what env.py returned.
+        reached = _read_back_after_success(lock, progress.state)
         report.to_revision = reached
         report.applied = revisions.applied_between(script, progress.start, reached)
         missing = revisions.pending_revisions(script, reached)
@@ -101,14 +108,31 @@ def upgrade(settings: Settings, report: Report) -> int:
     return EXIT_OK
 
 
-def _record_reached(report: Report, script: ScriptDirectory, start: tuple[str, ...], read_back) -> None:
-    """After a failure: what the database is at and which revisions were committed, if it can be read."""
+def _read_back_after_success(lock, state: revisions.State) -> tuple[str, ...]:
+    """The version table, read on the lock's session once env.py returned."""
     try:
-        reached = read_back()
+        return revisions.current_heads(lock.connection, version_table=state.table, schema=state.schema)
+    except DBAPIError as e:
+        if database.is_disconnect(e):
+            raise DatabaseUnreachable(f"env.py returned, but the database was lost before the runner could read "
+                                      f"back where it is: {first_line(e)}") from None
+        raise ConfigError(f"env.py returned, but the runner cannot read {state.schema}.{state.table} back to check "
+                          f"it reached the heads (SQLSTATE {database.sqlstate(e)}: {first_line(e)}): DATABASE_URL's "
+                          f"role needs SELECT on it") from None
+
+
+def _read_or_none(read_back) -> tuple[str, ...] | None:
+    """What the database is at after a failure, or None if it cannot be read."""
+    try:
+        return read_back()
     except Exception:
-        return
-    report.to_revision = reached
-    report.applied = revisions.applied_between(script, start, reached)
+        return None
+
+
+def _known(reached: tuple[str, ...] | None) -> tuple[str, ...]:
+    if reached is None:
+        raise LookupError("the database could not be read back")
+    return reached
 
 
 def check(settings: Settings, report: Report) -> int:
@@ -181,7 +205,7 @@ def plan(settings: Settings, report: Report, sql: bool = False) -> int:
         baseline = None if baseline == "base" else baseline
     pending = revisions.pending_revisions(script, start)
     for revision in pending:
-        logger.info("would apply %s: %s", revision.revision, revisions.first_line(revision.doc),
+        logger.info("would apply %s: %s", revision.revision, revisions.title(revision.doc),
                     extra={"revision": revision.revision})
     report.pending = [revision.revision for revision in pending]
     report.to_revision = tuple(script.get_heads())
@@ -270,7 +294,7 @@ def _judge(state: revisions.State, report: Report) -> int:
     if state.kind == "legacy":
         raise PendingRevisions(f"the database has {len(state.tables)} tables but no version table: "
                                f"`upgrade` needs MIGRATE_BASELINE_REVISION")
-    described = ", ".join(f"{r.revision} ({revisions.first_line(r.doc)})" for r in pending)
+    described = ", ".join(f"{r.revision} ({revisions.title(r.doc)})" for r in pending)
     raise PendingRevisions(f"{len(pending)} revisions pending at {_names(state.current)}: {described}")
 
 
@@ -317,7 +341,7 @@ def _print_sql(config: Config, script: ScriptDirectory, start: tuple[str, ...], 
         envpy.run(config, script, steps, as_sql=True, starting_rev=start[0] if start else None,
                   destination_rev="heads")
     except Exception as e:
-        where = f"revision {running[-1].revision} ({revisions.first_line(running[-1].doc)})" if running else "env.py"
+        where = f"revision {running[-1].revision} ({revisions.title(running[-1].doc)})" if running else "env.py"
         raise ConfigError(f"plan --sql: {where} cannot be rendered offline (it needs a live database?): "
                           f"{type(e).__name__}: {first_line(e)}") from None
     sys.__stdout__.write(buffer.getvalue())

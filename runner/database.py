@@ -110,18 +110,29 @@ def tagged() -> Iterator[None]:
     """
 
     def on_connect(dbapi_connection, record) -> None:
-        cursor = dbapi_connection.cursor()
-        try:
-            cursor.execute("SELECT " + ", ".join(settings_sql()))
-        finally:
-            cursor.close()
-        dbapi_connection.commit()  # a rolled-back SET would be undone
+        select_on(dbapi_connection, settings_sql())
 
     event.listen(pool.Pool, "connect", on_connect)
     try:
         yield
     finally:
         event.remove(pool.Pool, "connect", on_connect)
+
+
+def select_on(dbapi_connection, columns: list[str]) -> tuple:
+    """SELECT `columns` on a DBAPI connection of any driver, then commit; returns the row.
+
+    No parameters: each driver has its own paramstyle. Committed, because a SET made by
+    set_config is undone with a rolled-back transaction (a session-level lock is not).
+    """
+    cursor = dbapi_connection.cursor()
+    try:
+        cursor.execute("SELECT " + ", ".join(columns))
+        row = tuple(cursor.fetchone())
+    finally:
+        cursor.close()
+    dbapi_connection.commit()
+    return row
 
 
 def settings_sql() -> list[str]:

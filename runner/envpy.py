@@ -58,9 +58,9 @@ def failure(error: BaseException) -> RunnerError:
                            f"--build-arg EXTRAS=drivers), or use postgresql+psycopg:// (sync and async)")
     if isinstance(error, EarlyExit):
         return ConfigError(f"env.py exited ({error}) before running the migrations; nothing was applied")
+    if database.is_disconnect(error):  # any driver's: asyncpg raises OSError from connect unwrapped
+        return DatabaseUnreachable(f"env.py lost its connection to the database: {database.first_line(error)}")
     if isinstance(error, DBAPIError) or database.sqlstate(error):
-        if database.is_disconnect(error):
-            return DatabaseUnreachable(f"env.py lost its connection to the database: {database.first_line(error)}")
         code = database.sqlstate(error)
         return ConfigError(f"env.py failed: {f'SQLSTATE {code}: ' if code else ''}{database.first_line(error)}")
     return ConfigError(f"env.py failed: {type(error).__name__}: {database.first_line(error)}")

@@ -22,6 +22,8 @@ SQLAlchemy's cursor events, not through any driver's state.
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import threading
 import time
 from contextlib import contextmanager
@@ -60,15 +62,13 @@ def guarded_by(lock: Lock, *, interval: float = 0.2, grace: float = CHECK_GRACE,
         watchdog.track(pid, dbapi_connection)
 
     def before_commit(connection) -> None:
-        try:
-            held = lock.held()
-        except Exception:
-            held = False
-        if not held:
+        if not _still_held(lock):
             lock.lost = lock.lost or "the advisory lock's session was lost before a commit"
             raise LockLost(lock.lost)
 
     def before_execute(connection, *args) -> None:
+        if lock.lost:  # a statement in an autocommit block would commit itself: none once the lock is gone
+            raise LockLost(lock.lost)
         pid = _pid(connection)
         if pid is not None:
             watchdog.in_flight[pid] = time.monotonic()
@@ -86,6 +86,8 @@ def guarded_by(lock: Lock, *, interval: float = 0.2, grace: float = CHECK_GRACE,
     for target, name, fn in listeners:
         event.listen(target, name, fn)
     watchdog.start()
+    global _active
+    _active = watchdog
     try:
         yield watchdog
     except Exception as e:
@@ -93,6 +95,7 @@ def guarded_by(lock: Lock, *, interval: float = 0.2, grace: float = CHECK_GRACE,
             raise LockLost(lock.lost) from e
         raise
     finally:
+        _active = None
         watchdog.stop()
         for target, name, fn in listeners:
             event.remove(target, name, fn)
@@ -100,38 +103,67 @@ def guarded_by(lock: Lock, *, interval: float = 0.2, grace: float = CHECK_GRACE,
         raise LockLost(lock.lost)
 
 
+# The watchdog of the migration under way, for a signal to reach.
+_active: Watchdog | None = None
+
+
+def cancel_on_signals() -> None:
+    """On SIGTERM or SIGINT, cancel the statements in flight on the server, whatever the driver.
+
+    Python runs a signal handler only between bytecodes: a driver blocked in C (psycopg2,
+    pg8000 in a socket read) would hold it back until its statement ends. The C-level
+    handler writes to the wakeup fd at once; a thread reading it cancels the migration's
+    statements through the lock's session, the call returns, and the handler runs.
+    """
+    read_fd, write_fd = os.pipe()
+    os.set_blocking(write_fd, False)
+    signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
+
+    def wait_for_signals() -> None:
+        while os.read(read_fd, 16):
+            watchdog = _active
+            if watchdog is not None:
+                watchdog.cancel_in_flight()
+
+    threading.Thread(target=wait_for_signals, name="signal-cancel", daemon=True).start()
+
+
 def join(lock: Lock, dbapi_connection) -> int:
     """Make a new connection a migration session of `lock`; returns its backend pid."""
     ids = lock_ids(lock.key)
-    sql = ", ".join([
-        "SELECT pg_backend_pid()",
+    columns = [
+        "pg_backend_pid()",
         f"pg_advisory_lock_shared({int(lock.fence)})",
         "EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND granted AND objsubid = 1"
         f" AND pid = {int(lock.pid)} AND classid::bigint = {ids['classid']} AND objid::bigint = {ids['objid']}"
         " AND database = (SELECT oid FROM pg_database WHERE datname = current_database()))",
         "current_database()",
         *database.settings_sql(),
-    ])
+    ]
     try:
-        cursor = dbapi_connection.cursor()
-        try:
-            cursor.execute(sql)
-            pid, _, protected, name = cursor.fetchone()[:4]
-        finally:
-            cursor.close()
-        # A session-level lock outlives the commit; the SETs of set_config need it to last.
-        dbapi_connection.commit()
+        pid, _, protected, name = database.select_on(dbapi_connection, columns)[:4]
     except Exception as e:
         if database.is_disconnect(e):
             raise
         raise ConfigError(f"a connection env.py opened ({database.driver_name(dbapi_connection)}) cannot be "
                           f"guarded: {type(e).__name__}: {database.first_line(e)}") from None
+    if not protected and not _still_held(lock):
+        lock.lost = lock.lost or "the advisory lock's session was lost before a migration connection joined"
+        raise LockLost(lock.lost)
     if not protected:
         raise ConfigError(
             f"env.py connects to database {name!r} where the runner's lock is not held: the lock protects only "
             f"the database DATABASE_URL names; make env.py use sqlalchemy.url (an env.py migrating several "
             f"databases, like alembic's multidb template, is not supported)")
     return pid
+
+
+def _still_held(lock: Lock) -> bool:
+    """lock.held(), a session that cannot answer counting as one that lost the lock."""
+    try:
+        return lock.held()
+    except Exception:
+        return False
 
 
 def _pid(connection) -> int | None:
@@ -199,20 +231,25 @@ class Watchdog:
                 continue
             self._last_check = time.monotonic()
             try:
-                if not self.lock.held(self.grace):
-                    self._lose("the advisory lock's session no longer holds the lock")
-                    return
-                if self.sessions:
-                    self._check_sessions(busy)
+                held = self.lock.held(self.grace)
             except Exception as e:
                 if self._stop.is_set():
                     return
                 self._lose(f"the advisory lock's session was lost ({type(e).__name__}: "
                            f"{str(e).strip().splitlines()[0] if str(e).strip() else 'no answer'})")
                 return
+            if not held:
+                self._lose("the advisory lock's session no longer holds the lock")
+                return
+            if self.sessions:
+                try:
+                    self._check_sessions(busy)
+                except Exception as e:  # a failed look is not a lost lock: the next tick asks again
+                    logger.debug("watchdog could not read the migration sessions: %s", e)
 
     def _check_sessions(self, busy: dict[int, float]) -> None:
-        rows = self.lock.query(_ACTIVITY, {"pids": list(self.sessions)}, self.grace)
+        pids = list(self.sessions)  # one snapshot: a session joining meanwhile is looked at next time
+        rows = self.lock.query(_ACTIVITY, {"pids": pids}, self.grace)
         now = time.monotonic()
         self._report_progress(rows, busy, now)
         seen = set()
@@ -221,16 +258,30 @@ class Watchdog:
             if blockers:
                 self.blockers = blockers
             waited = now - busy[pid] if pid in busy else 0.0
+            # state is NULL for another role's session without pg_read_all_stats: nothing to judge by.
+            if state is None or idle_for is None:
+                continue
             if state not in ("active", "fastpath function call") and min(waited, idle_for) > self.grace:
                 logger.error("migration session %d waits for a reply the server sent %.0fs ago: "
                              "the connection is half-open; closing it", pid, idle_for)
                 self._end(pid)
-        for pid in set(self.sessions) - seen:
+        for pid in set(pids) - seen:
             if pid in busy:
                 logger.error("migration session %d is gone from the server while the runner waits on it; "
                              "closing it", pid)
                 self._end(pid)
             self.sessions.pop(pid, None)  # closed: nothing to follow
+
+    def cancel_in_flight(self) -> None:
+        """Cancel every migration statement in flight (pg_cancel_backend through the lock's session)."""
+        pids = list(self.in_flight) or list(self.sessions)
+        if not pids or self.lock.lost:
+            return
+        try:
+            self.lock.query("SELECT pg_cancel_backend(pid) FROM unnest(%(pids)s::int[]) AS pid", {"pids": pids},
+                            self.grace)
+        except Exception as e:
+            logger.debug("could not cancel the statements in flight: %s", e)
 
     def _report_progress(self, rows: list, busy: dict[int, float], now: float) -> None:
         progress = self.progress
@@ -248,9 +299,7 @@ class Watchdog:
                 continue
             line = f"session {pid} {state}" + (f", waits on {wait_type}:{wait_event}" if wait_type else "")
             if blockers:
-                line += ", blocked by " + "; ".join(
-                    f"pid {b['pid']} ({b.get('application_name') or '?'}, {b.get('state')}: "
-                    f"{' '.join((b.get('query') or '').split())[:120]!r})" for b in blockers)
+                line += ", blocked by " + describe_blockers(blockers)
             sessions.append(line)
         logger.info("revision %s still running after %.0fs: %s", revision.revision, seconds,
                     "; ".join(sessions) or "no statement in flight", extra={"revision": revision.revision,
@@ -274,6 +323,15 @@ class Watchdog:
             database.sever(connection)
         _terminate(self.lock, list(self.sessions))
         database.sever(self.lock.connection.connection.dbapi_connection)
+
+
+def describe_blockers(blockers: list[dict]) -> str:
+    """The sessions a migration session waits on: pid, application, state and query."""
+    if not blockers:
+        return "a session that was not seen (the wait was shorter than the watchdog's sampling)"
+    return "; ".join(
+        f"pid {b['pid']} ({b.get('application_name') or '?'}, {b.get('state')}: "
+        f"{' '.join((b.get('query') or '').split())[:200]!r})" for b in blockers)
 
 
 def _terminate(lock: Lock, pids: list[int]) -> None:

@@ -78,20 +78,21 @@ class JsonFormatter(logging.Formatter):
         }
         for key, value in vars(record).items():
             if key not in self._standard and not key.startswith("_"):
-                entry[key] = _redact_values(value)
+                entry[key] = redact_values(value)
         if record.exc_info:
             entry["exception"] = redact(self.formatException(record.exc_info))
         # Values only are masked: a short secret must not corrupt the keys.
         return json.dumps(entry, default=lambda value: redact(str(value)))
 
 
-def _redact_values(value):
+def redact_values(value):
+    """`value` with every string in it masked (dicts, lists and tuples walked)."""
     if isinstance(value, str):
         return redact(value)
     if isinstance(value, dict):
-        return {k: _redact_values(v) for k, v in value.items()}
+        return {k: redact_values(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_redact_values(v) for v in value]
+        return [redact_values(v) for v in value]
     return value
 
 

@@ -21,9 +21,9 @@ from alembic.script import ScriptDirectory
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
 
-from . import database, envpy, revisions
+from . import database, envpy, log, revisions
 from .errors import ConfigError, DatabaseUnreachable, RevisionFailed, RunnerError
-from .guard import LockLost, Watchdog
+from .guard import LockLost, Watchdog, describe_blockers
 
 logger = logging.getLogger("runner.migrate")
 
@@ -55,16 +55,25 @@ def upgrade(config: Config, script: ScriptDirectory, progress: Progress,
     table behind; the table is created, by alembic, once the upgrade goes ahead.
     """
 
+    contexts = []
+
     def steps(current, context):
+        if contexts:
+            raise revisions.SeveralContexts()
+        contexts.append(context)
+        log.restore()  # whatever env.py did to logging on its way here (logging.disable, say)
+        first_attempt = progress.state is None
         state = progress.state = revisions.observe(context, script, **expected)
         baseline = decide(state)
         if baseline == "base":  # the legacy tables are what the first revision starts from: nothing to stamp
             baseline = None
-        progress.start = (baseline,) if baseline else tuple(current)
+        start = (baseline,) if baseline else tuple(current)
+        if first_attempt:  # a retry starts where the last attempt left the database
+            progress.start = start
         if state.kind == "current":
             return []
         # What command.upgrade does, with each revision timed as it runs.
-        upgrades = script._upgrade_revs("heads", progress.start)
+        upgrades = script._upgrade_revs("heads", start)
         for step in upgrades:
             step.migration_fn = _timed(step.migration_fn, step.revision, progress)
         if not current:
@@ -92,7 +101,7 @@ def _timed(migration_fn, revision, progress: Progress):
             progress.inside = False
         seconds = time.monotonic() - started
         # Ran, not applied: it is applied once env.py commits it, which the read-back tells.
-        logger.info("ran %s (%s) in %.2fs", revision.revision, revisions.first_line(revision.doc), seconds,
+        logger.info("ran %s (%s) in %.2fs", revision.revision, revisions.title(revision.doc), seconds,
                     extra={"revision": revision.revision, "seconds": round(seconds, 3)})
 
     return timed_upgrade
@@ -105,6 +114,7 @@ def upgrade_retrying(config: Config, script: ScriptDirectory, progress: Progress
 
     def attempt() -> None:
         watchdog.blockers = []
+        progress.running, progress.raised_inside, progress.committed_inside = None, False, 0
         upgrade(config, script, progress, decide, **expected)
 
     def count_commit(connection) -> None:
@@ -140,18 +150,10 @@ def upgrade_retrying(config: Config, script: ScriptDirectory, progress: Progress
         event.remove(Engine, "commit", count_commit)
 
 
-def describe_blockers(blockers: list[dict]) -> str:
-    if not blockers:
-        return "a session that was not seen (the wait was shorter than the watchdog's sampling)"
-    return "; ".join(
-        f"pid {b['pid']} ({b.get('application_name') or '?'}, {b.get('state')}: "
-        f"{' '.join((b.get('query') or '').split())[:200]!r})" for b in blockers)
-
-
 def explain_failure(error: BaseException, progress: Progress, read_back: Callable[[], tuple]) -> RunnerError:
     """The RunnerError for an exception raised while upgrading, with where the database is now."""
     revision = progress.running
-    where = f"revision {revision.revision} ({revisions.first_line(revision.doc)})" if revision else "env.py, before any revision ran"
+    where = f"revision {revision.revision} ({revisions.title(revision.doc)})" if revision else "env.py, before any revision ran"
 
     def at() -> str:
         try:

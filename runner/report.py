@@ -55,7 +55,8 @@ def emit(report: Report, exit_code: int, termination_log: Path | None) -> None:
     if path is None:
         return
     try:
-        path.write_text(log.redact(json.dumps(summary))[:TERMINATION_LOG_LIMIT])
+        # Masked before encoding: JSON escapes (\u00e4, \") would hide a password from the mask.
+        path.write_text(json.dumps(log.redact_values(summary))[:TERMINATION_LOG_LIMIT])
     except OSError as e:
         logger.warning("cannot write the termination log %s: %s", path, e.strerror)
 

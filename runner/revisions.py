@@ -6,8 +6,10 @@ import argparse
 import configparser
 import tomllib
 import logging
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
@@ -103,7 +105,7 @@ def check_single_head(script: ScriptDirectory) -> tuple[str, ...]:
     heads = tuple(script.get_heads())
     if len(heads) > 1:
         described = ", ".join(
-            f"{head} (parent {_parents(script, head)}: {first_line(script.get_revision(head).doc)})".replace(": )", ")")
+            f"{head} (parent {_parents(script, head)}: {title(script.get_revision(head).doc)})".replace(": )", ")")
             for head in heads)
         ancestor = common_ancestor(script, heads) or "base"
         raise MultipleHeads(
@@ -112,9 +114,9 @@ def check_single_head(script: ScriptDirectory) -> tuple[str, ...]:
     return heads
 
 
-def first_line(text: str | None) -> str:
-    """A revision's message as one line (messages may span several)."""
-    return (text or "").strip().splitlines()[0] if (text or "").strip() else ""
+def title(doc: str | None) -> str:
+    """A revision's message as one line: its first (messages may span several)."""
+    return (doc or "").strip().splitlines()[0] if (doc or "").strip() else ""
 
 
 def common_ancestor(script: ScriptDirectory, heads) -> str | None:
@@ -141,6 +143,14 @@ class NoMigrationsRun(ConfigError):
     def __init__(self) -> None:
         super().__init__("env.py returned without calling context.run_migrations() (online mode): nothing was "
                          "read or applied through it")
+
+
+class SeveralContexts(ConfigError):
+    """env.py called context.run_migrations() more than once (per database, per tenant schema)."""
+
+    def __init__(self) -> None:
+        super().__init__("env.py runs the migrations more than once in one run (alembic's multidb template, a loop "
+                         "over tenants?): the runner reads, locks and checks one version table; not supported")
 
 
 @dataclass
@@ -171,19 +181,12 @@ def database_state(config: Config, script: ScriptDirectory, *, version_table: st
         found.append(observe(context, script, version_table=version_table, version_table_schema=version_table_schema))
         return []
 
-    # MigrationContext announces its dialect at INFO; that is noise for a read.
-    chatty = logging.getLogger("alembic.runtime.migration")
-    level = chatty.level
-    chatty.setLevel(logging.WARNING)
-    try:
+    with _quiet():
         envpy.run(config, script, read, dont_mutate=True)
-    finally:
-        chatty.setLevel(level)
     if not found:
         raise NoMigrationsRun()
     if len(found) > 1:
-        raise ConfigError(f"env.py ran migrations on {len(found)} connections (alembic's multidb template?): the "
-                          f"runner locks and checks only the database DATABASE_URL names; not supported")
+        raise SeveralContexts()
     return found[0]
 
 
@@ -203,7 +206,7 @@ def observe(context, script: ScriptDirectory, *, version_table: str | None = Non
 def state_of(connection: Connection, script: ScriptDirectory, *, version_table: str = "alembic_version",
              schema: str | None = None) -> State:
     """Classify the database against the scripts, reading the version table on `connection`."""
-    schema = schema or connection.exec_driver_sql("SELECT current_schema()").scalar()
+    schema = schema or _schema_alembic_reads(connection, version_table)
     current = current_heads(connection, version_table=version_table, schema=schema)
     where = {"schema": schema, "table": version_table}
     if not current:
@@ -217,6 +220,19 @@ def state_of(connection: Connection, script: ScriptDirectory, *, version_table: 
         return State(kind="ahead", current=current, unknown=unknown, **where)
     pending = pending_revisions(script, current)
     return State(kind="pending" if pending else "current", current=current, pending=pending, **where)
+
+
+# Where an unqualified name resolves, as alembic's own reads of the version table do: the
+# first schema of the search_path holding it, else the one it would be created in.
+_VISIBLE_SCHEMA = text("""
+    SELECT coalesce((SELECT n.nspname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+                      WHERE c.relname = :table AND c.relkind IN ('r', 'p') AND pg_table_is_visible(c.oid)),
+                    current_schema())
+""")
+
+
+def _schema_alembic_reads(connection: Connection, table: str) -> str:
+    return connection.execute(_VISIBLE_SCHEMA, {"table": table}).scalar()
 
 
 # Tables named like the version table in other schemas, with a version_num column we may read.
@@ -244,14 +260,20 @@ def _refuse_version_table_elsewhere(connection: Connection, script: ScriptDirect
 
 def current_heads(connection: Connection, *, version_table: str, schema: str | None) -> tuple[str, ...]:
     """The revisions in the version table (none if it does not exist)."""
+    with _quiet():
+        context = MigrationContext.configure(
+            connection, opts={"version_table": version_table, "version_table_schema": schema})
+        return tuple(context.get_current_heads())
+
+
+@contextmanager
+def _quiet() -> Iterator[None]:
     # MigrationContext announces its dialect at INFO; that is noise for a read.
     chatty = logging.getLogger("alembic.runtime.migration")
     level = chatty.level
     chatty.setLevel(logging.WARNING)
     try:
-        context = MigrationContext.configure(
-            connection, opts={"version_table": version_table, "version_table_schema": schema})
-        return tuple(context.get_current_heads())
+        yield
     finally:
         chatty.setLevel(level)
 

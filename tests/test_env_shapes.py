@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import Result, advisory_locks, assert_consistent, run_runner, runner_env, version_rows
+from .conftest import (RUNNER_PASSWORD, RUNNER_ROLE, Result, advisory_locks, assert_consistent, run_runner,
+                       runner_env, version_rows)
 from .postgres import free_port
 from .projects import Rev, chain, make_project
 
@@ -297,3 +298,77 @@ def test_sys_exit_in_a_revision_rolls_back_and_releases_the_lock(database_url, t
     # One transaction for the run (the generic env.py): r0001 and r0002's table rolled back with it.
     assert_consistent(database_url, [])
     assert advisory_locks(postgres, database) == []
+
+
+# -- env.py as another role, or running the migrations more than once ---------------------------
+OTHER_ROLE_ENV = '''
+from alembic import context
+from sqlalchemy import engine_from_config, pool
+
+config = context.config
+# The application's own credentials: another role than DATABASE_URL's, on the same database.
+from sqlalchemy.engine import make_url
+url = make_url(config.get_main_option("sqlalchemy.url")).set(username="envpy_role", password="envpy-pw")
+config.set_main_option("sqlalchemy.url", url.render_as_string(hide_password=False).replace("%", "%%"))
+engine = engine_from_config(config.get_section(config.config_ini_section), prefix="sqlalchemy.",
+                            poolclass=pool.NullPool)
+with engine.connect() as connection:
+    context.configure(connection=connection)
+    with context.begin_transaction():
+        context.run_migrations()
+'''
+
+
+def test_env_py_logging_in_as_another_role_is_followed_not_taken_for_a_lost_lock(postgres, database, tmp_path):
+    # pg_stat_activity hides another role's state (NULL) from a role without pg_read_all_stats:
+    # the watchdog must not read that as its lock being lost.
+    postgres.create_role("envpy_role", "envpy-pw")
+    postgres.execute(f'GRANT ALL ON DATABASE "{database}" TO envpy_role')
+    postgres.execute("GRANT ALL ON SCHEMA public TO envpy_role", database=database)
+    root = tmp_path / "p"
+    reader = postgres.url(database, RUNNER_ROLE, RUNNER_PASSWORD)
+    ini = make_project(root, [Rev("r0001", None, ["CREATE TABLE r_1 (id int)"]),
+                              Rev("r0002", "r0001", ["SELECT pg_sleep(2.5)", "CREATE TABLE r_2 (id int)"])])
+    (root / "migrations" / "env.py").write_text(OTHER_ROLE_ENV)
+    # Unless DATABASE_URL's role may read the version table, the runner cannot prove success: exit 2, saying so.
+    unreadable = run_runner(runner_env(reader, ini))
+    assert unreadable.returncode == 2, unreadable
+    assert "needs SELECT on it" in unreadable.last["event"] and "public.alembic_version" in unreadable.last["event"]
+    postgres.execute("GRANT SELECT ON public.alembic_version TO runner; DELETE FROM public.alembic_version; "
+                     "DROP TABLE r_1, r_2", database=database)
+    result = run_runner(runner_env(reader, ini))
+    assert result.returncode == 0, "\n".join(r["event"] for r in result.records)
+    assert result.last["applied"] == ["r0001", "r0002"]
+    assert postgres.execute("SELECT tableowner FROM pg_tables WHERE tablename = 'r_2'", database=database) == [
+        ("envpy_role",)]
+
+
+TENANT_LOOP_ENV = '''
+from alembic import context
+from sqlalchemy import engine_from_config, pool
+
+config = context.config
+engine = engine_from_config(config.get_section(config.config_ini_section), prefix="sqlalchemy.",
+                            poolclass=pool.NullPool)
+for tenant in ("acme", "globex"):
+    with engine.connect() as connection:
+        connection.exec_driver_sql(f"CREATE SCHEMA IF NOT EXISTS {tenant}")
+        connection.exec_driver_sql(f"SET search_path TO {tenant}")
+        connection.commit()
+        context.configure(connection=connection, version_table_schema=tenant)
+        with context.begin_transaction():
+            context.run_migrations()
+'''
+
+
+@pytest.mark.parametrize("command", ["upgrade", "check"])
+def test_env_py_running_the_migrations_twice_is_refused_alike_by_every_command(database_url, tmp_path, command):
+    root = tmp_path / "p"
+    ini = make_project(root, chain(2))
+    (root / "migrations" / "env.py").write_text(TENANT_LOOP_ENV)
+    result = run_runner(runner_env(database_url, ini), command)
+    assert result.returncode == 2, result.last["event"]
+    assert "more than once" in result.last["event"]
+    # Refused at the second run_migrations: the first tenant, done by then, is consistent; the second untouched.
+    assert version_rows(database_url, "acme.alembic_version") == ([] if command == "check" else ["r0002"])
+    assert version_rows(database_url, "globex.alembic_version") == []

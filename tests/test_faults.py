@@ -492,6 +492,26 @@ with connectable.connect() as connection:
 '''
 
 
+@pytest.mark.parametrize("driver", ["psycopg2", "asyncpg"])
+def test_sigterm_inside_a_revision_cancels_it_whatever_the_driver(postgres, database, database_url, tmp_path, driver):
+    # psycopg2 waits for a statement in C with Python's signal handler held back: the runner must
+    # cancel the statement on the server itself, not wait for the driver to return.
+    ini = slow_project(tmp_path / "p", seconds=60)
+    use_driver(tmp_path / "p", driver)
+    proc = start_runner(runner_env(database_url, ini))
+    wait_for(lambda: sleeping_pid(postgres, database) or proc.poll() is not None)
+    assert proc.poll() is None, finish(proc)
+    sent = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    result = finish(proc, timeout=60)
+    assert result.returncode == 143, result
+    assert time.monotonic() - sent < 15
+    assert result.last["outcome"] == "interrupted"
+    assert sleeping_pid(postgres, database) == 0
+    assert_consistent(database_url, [])
+    no_locks_left(postgres, database)
+
+
 # SIGTERM while waiting for the database or the lock is in test_cli already.
 @pytest.mark.parametrize("phase, signum", [
     ("waiting for the database", signal.SIGKILL), ("waiting for the lock", signal.SIGKILL),

@@ -17,7 +17,7 @@ import pytest
 from . import envs
 from .conftest import RUNNER_ROLE, Result, advisory_locks, run_runner, runner_env, tables, version_rows
 from .fidelity import Twins, version_table_rows
-from .projects import Rev, chain, make_project, write_env
+from .projects import Rev, add_revisions, chain, make_project, write_env
 
 
 # -- helpers ----------------------------------------------------------------------------------
@@ -296,3 +296,23 @@ def test_env_py_on_another_database_is_exit_2_and_writes_nothing(postgres, datab
     assert_untouched(postgres, database)
     assert_untouched(postgres, other)
     assert advisory_locks(postgres, database) == [] and advisory_locks(postgres, other) == []
+
+
+# -- the version table where alembic's unqualified name resolves -------------------------------------
+def test_version_table_found_through_the_search_path_like_alembic(postgres, tmp_path):
+    # "$user",public: once a schema named after the role exists, current_schema() is that schema, but
+    # alembic still reads the existing public.alembic_version (the first visible on the search path).
+    root = tmp_path / "p"
+    ini = make_project(root, chain(1))
+    twins = Twins.create(postgres)
+    assert twins.run_alembic(ini).returncode == 0
+    assert twins.run_runner(ini).returncode == 0
+    for name in (twins.plain, twins.runner):
+        postgres.execute(f"CREATE SCHEMA {RUNNER_ROLE} AUTHORIZATION {RUNNER_ROLE}", database=name)
+    add_revisions(root, [Rev("r0002", "r0001", ["CREATE TABLE r_2 (id int)"])])
+    assert twins.run_alembic(ini).returncode == 0
+    result = twins.run_runner(ini)
+    assert result.returncode == 0, result.last["event"]
+    assert result.last["applied"] == ["r0002"]
+    assert version_table_rows(postgres, twins.runner) == {"public.alembic_version": ["r0002"]}
+    twins.assert_same()

@@ -119,3 +119,12 @@ def test_losing_the_lock_cuts_a_statement_in_flight_whatever_the_driver(database
     assert time.monotonic() - started < 20
     rows = postgres.execute("SELECT count(*) FROM pg_stat_activity WHERE query LIKE 'SELECT pg_sleep(60)%'")
     assert rows == [(0,)]
+
+
+def test_a_connection_joining_after_the_lock_is_lost_is_a_lost_lock_not_a_wrong_database(database_url, postgres):
+    # Before the watchdog's next look (an hour away here), the connection itself finds the lock gone.
+    with advisory_lock(lock_url(database_url), 105, timeout=5) as lock:
+        postgres.execute("SELECT pg_terminate_backend(%s)", params=(lock.pid,))
+        with pytest.raises(DatabaseUnreachable, match="lost before a migration connection joined"):
+            with guarded_by(lock, interval=3600):
+                run_on(database_url, "psycopg2", lambda c: c.execute(text("SELECT 1")))
