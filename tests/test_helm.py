@@ -125,7 +125,8 @@ COMBINATIONS = {
                               "versionTableSchema": "app", "applicationName": "shop-migrations",
                               "connectionCheckInterval": 0, "statementTimeout": 120, "ddlLockTimeout": 5,
                               "ddlLockRetries": 3, "terminationLog": "/tmp/summary.json",
-                              "logFormat": "text", "logLevel": "DEBUG"}},
+                              "logFormat": "text", "logLevel": "DEBUG", "progressInterval": 30,
+                              "alembicSection": "app", "alembicXArgs": "tenant=acme region=eu"}},
     "scheduling": {"nodeSelector": {"kubernetes.io/os": "linux"},
                    "tolerations": [{"key": "dedicated", "operator": "Equal", "value": "batch", "effect": "NoSchedule"}],
                    "affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {
@@ -408,6 +409,7 @@ def test_every_runner_variable_is_settable_from_values():
     assert env["MIGRATE_WAIT_TIMEOUT"] == "30"
     assert env["MIGRATE_LOCK_TIMEOUT"] == "600.5"
     assert env["MIGRATE_LOCK_KEY"] == "9223372036854775807"
+    assert (env["ALEMBIC_SECTION"], env["ALEMBIC_X_ARGS"]) == ("app", "tenant=acme region=eu")
     assert env["MIGRATE_ALLOW_MULTIPLE_HEADS"] == "true"
     assert env["MIGRATE_CONNECTION_CHECK_INTERVAL"] == "0"
     assert env["MIGRATE_BASELINE_REVISION"] == "0001"

@@ -199,7 +199,10 @@ argocd.argoproj.io/hook-delete-policy: {{ .Values.argocd.deletePolicy | quote }}
   "ddlLockRetries" "MIGRATE_DDL_LOCK_RETRIES"
   "terminationLog" "MIGRATE_TERMINATION_LOG"
   "logFormat" "MIGRATE_LOG_FORMAT"
-  "logLevel" "MIGRATE_LOG_LEVEL" }}
+  "logLevel" "MIGRATE_LOG_LEVEL"
+  "progressInterval" "MIGRATE_PROGRESS_INTERVAL"
+  "alembicSection" "ALEMBIC_SECTION"
+  "alembicXArgs" "ALEMBIC_X_ARGS" }}
 {{- range $key, $name := $variables }}
 {{- $value := index $v.config $key }}
 {{- if and (not (kindIs "invalid" $value)) (ne (toString $value) "") }}
