@@ -285,15 +285,16 @@ with the ratios above. Where the runner's time goes, from `python -X importtime`
 
 - Importing pydantic-settings and building the settings class costs about 65 ms a process (a required
   dependency: every setting is read through its `BaseSettings`); the runner's own modules about 7 ms.
-  That is about what it saves by running no `env.py` on a no-op, by setting SQLAlchemy's dialect up once
-  for all its sessions, and by not tearing the interpreter down after the run (exit handlers and
-  flushes still run; every connection is closed and the lock released before).
+  That is about what it saves by setting SQLAlchemy's dialect up once for all its own sessions and by
+  not tearing the interpreter down after the run (exit handlers and flushes still run; every connection
+  is closed and the lock released before). Like alembic, it runs `env.py` once, no-op or not: the
+  database's state is read inside that run, on env.py's own connection.
 - A full upgrade runs `env.py` as alembic does, so there nothing offsets those 65 ms, nor the runner's
-  extra logins (the lock's session, and the migration connection it offers env.py in
-  `config.attributes["connection"]`, which the generic template does not take): about 0.1 s of CPU
-  a process. Per revision it logs one line more than alembic ("applied ... in 0.01s") and formats
-  both as JSON, about 22 µs a line timed in-process (some 45 ms over 1000 revisions); the event hooks
-  that guard commits and open migration sessions add a little to every statement. In the runs so
+  extra logins (the wait's session, kept as the lock's second one, and the lock's session): about
+  0.1 s of CPU a process. Per revision it logs one line more than alembic ("ran ... in 0.01s") and
+  formats both as JSON, about 22 µs a line timed in-process (some 45 ms over 1000 revisions); the
+  event hooks that guard commits, follow statements in flight and open migration sessions add a
+  little to every statement (about 12 µs: some 50 ms over 1000 revisions, from cProfile). In the runs so
   far a 1000-revision upgrade took 1.00–1.11× alembic's CPU time; its wall time stays near alembic's
   because the server's work, the same for both, dominates it. Single runs of 1000 revisions vary by ±0.4 s here.
 - Many runners at once: each process starts Python and imports its stack (about 0.5 s of CPU), and two
