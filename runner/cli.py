@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     # In the format asked for from the first line on: a usage error is a log line like the rest.
     fmt = os.environ.get("MIGRATE_LOG_FORMAT", "").strip().lower()
     log.setup(fmt if fmt in ("text", "json") else None)
-    report = Report(command="upgrade")
+    report = Report(command="(unparsed)")
     settings = None
     try:
         try:
@@ -101,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         settings = Settings.from_env()
         settings = settings.model_copy(update=_from_options(settings, args))
         log.setup(settings.log_format, settings.log_level)
+        _warn_unknown_variables()
         if settings.database_url is not None:
             log.add_secret(settings.database_url.get_secret_value())
         code = run(settings, report)
@@ -120,6 +121,15 @@ def main(argv: list[str] | None = None) -> int:
     termination_log = settings.termination_log if settings else os.environ.get("MIGRATE_TERMINATION_LOG")
     emit(report, code, Path(termination_log) if termination_log else None)
     return code
+
+
+def _warn_unknown_variables() -> None:
+    # A misspelt variable would otherwise be ignored in silence (MIGRATE_BASELINE_REVISON, say).
+    known = {name for name, _, _ in variables()}
+    unknown = sorted(name for name in os.environ if name.startswith(("MIGRATE_", "ALEMBIC_")) and name not in known)
+    if unknown:
+        logger.warning("unknown variables ignored: %s (--help lists the known ones)", ", ".join(unknown),
+                       extra={"unknown_variables": unknown})
 
 
 def _from_options(settings: Settings, args: argparse.Namespace) -> dict:

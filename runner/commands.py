@@ -95,7 +95,7 @@ def upgrade(settings: Settings, report: Report) -> int:
         if missing:
             raise ConfigError(
                 f"env.py returned without reaching the heads: the database is at {_names(reached)}, "
-                f"{len(missing)} revisions not applied ({', '.join(r.revision for r in missing)}); does env.py "
+                f"{_count(len(missing), 'revision')} not applied ({', '.join(r.revision for r in missing)}); does env.py "
                 f"commit (context.begin_transaction()) and call context.run_migrations() in online mode?")
         if progress.state.kind == "current":
             report.outcome = "current"
@@ -103,7 +103,7 @@ def upgrade(settings: Settings, report: Report) -> int:
             return EXIT_OK
     report.outcome = "upgraded"
     report.message = (f"upgraded: {_names(report.from_revision)} -> {_names(report.to_revision)}, "
-                      f"{len(report.applied)} revisions applied, lock wait {report.lock_wait:.1f}s, "
+                      f"{_count(len(report.applied), 'revision')} applied, lock wait {report.lock_wait:.1f}s, "
                       f"total {time.monotonic() - report.started:.1f}s")
     return EXIT_OK
 
@@ -198,9 +198,9 @@ def plan(settings: Settings, report: Report, sql: bool = False) -> int:
     baseline = None
     if state.kind == "legacy":
         baseline = revisions.refuse_legacy(state, settings.baseline_revision, script)
-        logger.info("would %s on the legacy database (%d tables, no version table)",
+        logger.info("would %s on the legacy database (%s, no version table)",
                     "upgrade from base" if baseline == "base" else f"stamp baseline {baseline}",
-                    len(state.tables), extra={"baseline": baseline})
+                    _count(len(state.tables), "table"), extra={"baseline": baseline})
         start = () if baseline == "base" else (baseline,)
         baseline = None if baseline == "base" else baseline
     pending = revisions.pending_revisions(script, start)
@@ -212,7 +212,7 @@ def plan(settings: Settings, report: Report, sql: bool = False) -> int:
     report.outcome = "planned"
     report.message = (f"plan: {_names(state.current)} -> {_names(script.get_heads())}"
                       f"{f' (stamping baseline {baseline} first)' if baseline else ''}, "
-                      f"{len(pending)} revisions would be applied")
+                      f"{_count(len(pending), 'revision')} would be applied")
     if sql:
         _print_sql(config, script, start, baseline)
     return EXIT_OK
@@ -292,10 +292,10 @@ def _judge(state: revisions.State, report: Report) -> int:
     report.pending = [revision.revision for revision in pending]
     report.outcome = "pending"
     if state.kind == "legacy":
-        raise PendingRevisions(f"the database has {len(state.tables)} tables but no version table: "
+        raise PendingRevisions(f"the database has {_count(len(state.tables), 'table')} but no version table: "
                                f"`upgrade` needs MIGRATE_BASELINE_REVISION")
     described = ", ".join(f"{r.revision} ({revisions.title(r.doc)})" for r in pending)
-    raise PendingRevisions(f"{len(pending)} revisions pending at {_names(state.current)}: {described}")
+    raise PendingRevisions(f"{_count(len(pending), 'revision')} pending at {_names(state.current)}: {described}")
 
 
 def _read_state(config: Config, script: ScriptDirectory, settings: Settings) -> revisions.State:
@@ -360,8 +360,12 @@ def _noting(migration_fn, revision, running: list):
 def _log_state(state: revisions.State) -> None:
     detail = f" at {_names(state.current)}" if state.current else ""
     if state.kind == "legacy":
-        detail = f" ({len(state.tables)} tables, no version table)"
+        detail = f" ({_count(len(state.tables), 'table')}, no version table)"
     logger.info("database is %s%s", state.kind, detail, extra={"state": state.kind, "current": list(state.current)})
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
 def _names(revisions_: tuple[str, ...] | list[str]) -> str:

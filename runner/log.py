@@ -201,7 +201,10 @@ def summary(level: int, fields: dict) -> None:
     """A command's last line: its message with the fields, as one JSON object in JSON mode."""
     message = fields["message"]
     restore()
+    rest = {k: v for k, v in fields.items() if k != "message"}
     if _format == "json":
-        logger.log(level, "%s", message, extra={k: v for k, v in fields.items() if k != "message"})
+        record = logger.makeRecord(logger.name, level, __file__, 0, "%s", (message,), None, extra=rest)
     else:
-        logger.log(level, "%s %s", message, json.dumps({k: v for k, v in fields.items() if k != "message"}))
+        record = logger.makeRecord(logger.name, level, __file__, 0, "%s %s", (message, json.dumps(rest)), None)
+    # handle(), not log(): the last line is written whatever MIGRATE_LOG_LEVEL filters.
+    logger.handle(record)

@@ -44,7 +44,7 @@ def load_config(path: Path, url: URL | None = None, *, section: str = "alembic",
     if ini is not None and not config.file_config.has_section(section):
         sections = ", ".join(config.file_config.sections()) or "none"
         raise ConfigError(f"ALEMBIC_SECTION: {ini} has no [{section}] section (it has: {sections}); "
-                          f"ALEMBIC_SECTION or -n names the section alembic -n would")
+                          f"name the section to use with ALEMBIC_SECTION or -n")
     if config.get_main_option("databases"):
         raise ConfigError(
             f"{ini} lists `databases` (alembic's multidb template): the runner locks and checks only the database "
@@ -304,7 +304,8 @@ def refuse_legacy(state: State, baseline: str | None, script: ScriptDirectory) -
     if baseline is None:
         sample = ", ".join(state.tables[:5]) + (", ..." if len(state.tables) > 5 else "")
         raise LegacyDatabase(
-            f"the database has {len(state.tables)} tables ({sample}) but no version table: it predates "
+            f"the database has {len(state.tables)} table{'' if len(state.tables) == 1 else 's'} ({sample}) but no "
+            f"version table: it predates "
             f"Alembic; set MIGRATE_BASELINE_REVISION to the revision its schema matches to stamp it")
     if baseline == "base":
         # The application created its tables itself and its revisions start from base (mlflow does).

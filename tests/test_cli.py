@@ -61,6 +61,20 @@ def test_text_mode_shows_each_step(database_url, project):
         assert step in out, (step, out)
 
 
+def test_the_summary_is_the_last_line_whatever_the_log_level(database_url, project):
+    result = run_runner(runner_env(database_url, project, MIGRATE_LOG_LEVEL="WARNING"))
+    assert result.returncode == 0, result
+    assert [r["event"] for r in result.records] == [result.last["event"]]  # nothing else at WARNING
+    assert result.last["outcome"] == "upgraded" and result.last["level"] == "info"
+
+
+def test_a_misspelt_variable_is_named_not_ignored_in_silence(database_url, project):
+    result = run_runner(runner_env(database_url, project, MIGRATE_BASELINE_REVISON="r0001"))
+    assert result.returncode == 0, result
+    warning = next(r for r in result.records if r["level"] == "warning")
+    assert "MIGRATE_BASELINE_REVISON" in warning["event"] and warning["unknown_variables"] == ["MIGRATE_BASELINE_REVISON"]
+
+
 def test_python_dash_m_runner_is_the_same_command(database_url, project):
     proc = subprocess.run([sys.executable, "-m", "runner", "upgrade"], env=runner_env(database_url, project),
                           capture_output=True, text=True, timeout=60)
