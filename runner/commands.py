@@ -65,9 +65,9 @@ def upgrade(settings: Settings, report: Report) -> int:
             if state.kind != "legacy":
                 return None
             baseline = revisions.refuse_legacy(state, settings.baseline_revision, script)
-            if baseline == "base":
+            if baseline is None:
                 logger.info("treating the legacy database as at base (MIGRATE_BASELINE_REVISION=base): every "
-                            "revision applies on top of its %d tables", len(state.tables), extra={"baseline": baseline})
+                            "revision applies on top of its %d tables", len(state.tables), extra={"baseline": "base"})
             else:
                 logger.info("stamping baseline %s on the legacy database", baseline, extra={"baseline": baseline})
             return baseline
@@ -82,11 +82,15 @@ def upgrade(settings: Settings, report: Report) -> int:
         except Exception as e:
             if progress.state is None:
                 raise envpy.failure(e) from None
-            reached = _read_or_none(read_back)
-            if reached is not None:
+            try:
+                reached = read_back()
+            except Exception:
+                reached = None
+            else:
                 report.to_revision = reached
                 report.applied = revisions.applied_between(script, progress.start, reached)
-            raise migrate.explain_failure(e, progress, lambda: _known(reached)) from None
+            # A read that failed once is tried again there, and reported as unknown if it fails again.
+            raise migrate.explain_failure(e, progress, lambda: reached if reached is not None else read_back()) from None
         # Success is what the database says, read back, not what env.py returned.
         reached = _read_back_after_success(lock, progress.state)
         report.to_revision = reached
@@ -119,20 +123,6 @@ def _read_back_after_success(lock, state: revisions.State) -> tuple[str, ...]:
         raise ConfigError(f"env.py returned, but the runner cannot read {state.schema}.{state.table} back to check "
                           f"it reached the heads (SQLSTATE {database.sqlstate(e)}: {first_line(e)}): DATABASE_URL's "
                           f"role needs SELECT on it") from None
-
-
-def _read_or_none(read_back) -> tuple[str, ...] | None:
-    """What the database is at after a failure, or None if it cannot be read."""
-    try:
-        return read_back()
-    except Exception:
-        return None
-
-
-def _known(reached: tuple[str, ...] | None) -> tuple[str, ...]:
-    if reached is None:
-        raise LookupError("the database could not be read back")
-    return reached
 
 
 def check(settings: Settings, report: Report) -> int:
@@ -199,10 +189,9 @@ def plan(settings: Settings, report: Report, sql: bool = False) -> int:
     if state.kind == "legacy":
         baseline = revisions.refuse_legacy(state, settings.baseline_revision, script)
         logger.info("would %s on the legacy database (%s, no version table)",
-                    "upgrade from base" if baseline == "base" else f"stamp baseline {baseline}",
-                    _count(len(state.tables), "table"), extra={"baseline": baseline})
-        start = () if baseline == "base" else (baseline,)
-        baseline = None if baseline == "base" else baseline
+                    f"stamp baseline {baseline}" if baseline else "upgrade from base",
+                    _count(len(state.tables), "table"), extra={"baseline": baseline or "base"})
+        start = (baseline,) if baseline else ()
     pending = revisions.pending_revisions(script, start)
     for revision in pending:
         logger.info("would apply %s: %s", revision.revision, revisions.title(revision.doc),

@@ -171,6 +171,22 @@ def sqlstate(error: BaseException) -> str | None:
     return None
 
 
+# Connection parameters libpq cannot use, by its words: the URL is wrong, not the database.
+INVALID = {
+    "invalid connection option": "invalid connection option",
+    "invalid port number": "invalid port",
+    "invalid integer value": "invalid number",
+    "invalid sslmode": "invalid sslmode",
+    "sslmode value": "invalid sslmode",
+}
+
+
+def invalid_reason(error: BaseException) -> str | None:
+    """What is wrong with the connection parameters, if the error says so."""
+    text = str(error)
+    return next((reason for words, reason in INVALID.items() if words in text), None)
+
+
 def is_disconnect(error: BaseException) -> bool:
     """Whether an error means the connection could not be made or was lost (retry can help)."""
     if getattr(error, "connection_invalidated", False):
@@ -179,9 +195,9 @@ def is_disconnect(error: BaseException) -> bool:
     if code:
         return code.startswith(("08", "57P"))
     orig = getattr(error, "orig", None) or error
-    # No SQLSTATE: the client failed. libpq reports an unusable option (a configuration
-    # error) as "invalid ..."; the rest of its connection failures are the network's or the server's.
-    if "invalid " in str(orig) and "connection is bad" in str(orig) or type(orig).__name__ == "ProgrammingError":
+    # No SQLSTATE: the client failed. An unusable parameter is a configuration error; the rest
+    # of libpq's connection failures are the network's or the server's.
+    if invalid_reason(orig) or type(orig).__name__ == "ProgrammingError":
         return False
     return isinstance(orig, OSError) or any(
         name in ("OperationalError", "InterfaceError") or "Connection" in name for name in _class_names(orig))

@@ -71,6 +71,11 @@ _HELD = """
 """
 
 
+def _key_fields(key: int) -> dict:
+    # JSON readers that hold numbers as doubles (jq, JavaScript) lose an int64: the key as text too.
+    return {"lock_key": key, "lock_key_str": str(key)}
+
+
 def fence_key(key: int) -> int:
     """The second key: every migration session holds it shared while it lives.
 
@@ -215,8 +220,7 @@ def advisory_lock(url: URL, key: int | None, timeout: float, *, schema: str | No
             if who != last_report[0] or waited - last_report[1] >= 15:
                 last_report[:] = [who, waited]
                 logger.info("waiting for lock %d, held by %s; waited %.0fs of %gs",
-                            key, who, waited, timeout, extra={"lock_key": key, "lock_key_str": str(key),
-                                                              "holders": rows})
+                            key, who, waited, timeout, extra={**_key_fields(key), "holders": rows})
 
         retrying = tenacity.Retrying(
             stop=tenacity.stop_after_delay(timeout),
@@ -239,7 +243,7 @@ def advisory_lock(url: URL, key: int | None, timeout: float, *, schema: str | No
         close_spare()
         _wait_for_fence(connection, lock.fence, max(1.0, timeout - lock.waited), sleep)
         lock.waited = time.monotonic() - started
-        logger.info("lock %d acquired after %.1fs", key, lock.waited, extra={"lock_key": key, "lock_key_str": str(key), "lock_wait": round(lock.waited, 3)})
+        logger.info("lock %d acquired after %.1fs", key, lock.waited, extra={**_key_fields(key), "lock_wait": round(lock.waited, 3)})
         yield lock
     finally:
         close_spare()

@@ -1,7 +1,7 @@
-"""The only module that writes: stamp a baseline, upgrade to heads.
+"""The only module that writes: upgrade to heads, stamping a baseline first if asked.
 
-Both run the project's own env.py as `alembic stamp` and `alembic upgrade heads`
-do, and hand it nothing: env.py builds its own engine and opens its own
+It runs the project's own env.py as `alembic upgrade heads` does (a baseline is a
+stamp step ahead of the upgrade's, as `alembic stamp` would write it), and hands it nothing: env.py builds its own engine and opens its own
 transactions, so whatever it configures (driver, connect_args, version table,
 transaction per migration, autocommit blocks) behaves as under alembic's CLI.
 The guard (`guard.guarded_by`) follows every connection env.py opens.
@@ -65,8 +65,6 @@ def upgrade(config: Config, script: ScriptDirectory, progress: Progress,
         first_attempt = progress.state is None
         state = progress.state = revisions.observe(context, script, **expected)
         baseline = decide(state)
-        if baseline == "base":  # the legacy tables are what the first revision starts from: nothing to stamp
-            baseline = None
         start = (baseline,) if baseline else tuple(current)
         if first_attempt:  # a retry starts where the last attempt left the database
             progress.start = start

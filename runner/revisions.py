@@ -299,8 +299,9 @@ def pending_revisions(script: ScriptDirectory, current: tuple[str, ...]) -> list
     return [step.revision for step in steps]
 
 
-def refuse_legacy(state: State, baseline: str | None, script: ScriptDirectory) -> str:
-    """The baseline to stamp on a legacy database, or LegacyDatabase saying why not."""
+def refuse_legacy(state: State, baseline: str | None, script: ScriptDirectory) -> str | None:
+    """The baseline to stamp on a legacy database (None for `base`: nothing to stamp, upgrade from the
+    first revision), or LegacyDatabase saying why not."""
     if baseline is None:
         sample = ", ".join(state.tables[:5]) + (", ..." if len(state.tables) > 5 else "")
         raise LegacyDatabase(
@@ -309,7 +310,7 @@ def refuse_legacy(state: State, baseline: str | None, script: ScriptDirectory) -
             f"Alembic; set MIGRATE_BASELINE_REVISION to the revision its schema matches to stamp it")
     if baseline == "base":
         # The application created its tables itself and its revisions start from base (mlflow does).
-        return "base"
+        return None
     if not _known(script, baseline):
         raise LegacyDatabase(f"MIGRATE_BASELINE_REVISION={baseline!r} is not a revision in the scripts "
                              f"(nor `base`)")

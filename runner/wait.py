@@ -10,7 +10,7 @@ from sqlalchemy.engine import URL, Connection
 from sqlalchemy.exc import DBAPIError
 
 from . import database
-from .database import first_line
+from .database import first_line, invalid_reason
 from .errors import ConfigError, DatabaseUnreachable, RunnerError
 
 logger = logging.getLogger("runner.wait")
@@ -27,29 +27,12 @@ FATAL = {
     "server does not support SSL": "the server does not support SSL but sslmode requires it",
 }
 
-# Connection parameters libpq cannot use: the URL is wrong, not the database.
-INVALID = {
-    "invalid connection option": "invalid connection option",
-    "invalid port number": "invalid port",
-    "invalid integer value": "invalid number",
-    "invalid sslmode": "invalid sslmode",
-    "sslmode value": "invalid sslmode",
-}
-
-
 def fatal_reason(error: BaseException) -> str | None:
     """Why this connection error cannot be cured by waiting, or None if it can."""
-    return _reason(error, FATAL) or invalid_reason(error)
-
-
-def invalid_reason(error: BaseException) -> str | None:
-    """What is wrong with the connection parameters, if the error says so."""
-    return _reason(error, INVALID)
-
-
-def _reason(error: BaseException, table: dict[str, str]) -> str | None:
     text = str(error)
-    return next((reason for words, reason in table.items() if words in text), None)
+    return next((reason for words, reason in FATAL.items() if words in text), None) or invalid_reason(error)
+
+
 
 
 def refusal(url: URL, error: BaseException) -> RunnerError:
