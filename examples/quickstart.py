@@ -1,9 +1,9 @@
 """The README's demo: the runner on examples/basic against an embedded PostgreSQL 16.
 
 It starts a throwaway server (the pgserver wheel's binaries, on 127.0.0.1),
-then runs `migration-runner` the way a container would, three times:
-a fresh database, the same database again (a no-op), and a legacy database
-that needs a baseline.
+then runs `migration-runner` the way a container would: a fresh database,
+the same database again (a no-op), a legacy database that needs a baseline,
+and a downgrade under the lock followed by the upgrade back to the heads.
 """
 
 import os
@@ -19,11 +19,11 @@ from tests.postgres import Postgres  # noqa: E402
 PASSWORD = "s3cret/p@ss#word"
 
 
-def run(title: str, url: str, **extra: str) -> int:
+def run(title: str, url: str, *args: str, **extra: str) -> int:
     print(f"\n=== {title}", flush=True)
     env = {**os.environ, "DATABASE_URL": url, "ALEMBIC_CONFIG": str(ROOT / "examples/basic/alembic.ini"),
            "MIGRATE_LOG_FORMAT": "text", **extra}
-    code = subprocess.run([str(Path(sys.executable).parent / "migration-runner")], env=env).returncode
+    code = subprocess.run([str(Path(sys.executable).parent / "migration-runner"), *args], env=env).returncode
     print(f"--- exit code {code}", flush=True)
     return code
 
@@ -44,10 +44,13 @@ def main() -> int:
             run("3. legacy database without a baseline: refused, nothing written", server.url("legacy", "app", PASSWORD)),
             run("4. legacy database with MIGRATE_BASELINE_REVISION=0001: stamped, then upgraded",
                 server.url("legacy", "app", PASSWORD), MIGRATE_BASELINE_REVISION="0001"),
+            run("5. downgrade 0002 (before an application rollback): 0003 reverted under the lock",
+                server.url("shop", "app", PASSWORD), "downgrade", "0002"),
+            run("6. upgrade again: back at the heads", server.url("shop", "app", PASSWORD)),
         ]
         print("\nversion rows:", server.execute("SELECT version_num FROM alembic_version", database="shop"),
               server.execute("SELECT version_num FROM alembic_version", database="legacy"))
-        expected = [0, 0, 6, 0]
+        expected = [0, 0, 6, 0, 0, 0]
         print("exit codes:", codes, "as expected" if codes == expected else f"expected {expected}")
         return 0 if codes == expected else 1
     finally:

@@ -22,10 +22,11 @@ logger = logging.getLogger("runner")
 
 HELP = {
     "upgrade": "wait, lock, check heads, stamp a baseline if asked, upgrade to heads (the default)",
-    "check": "read only: exit 0 at heads, 9 if revisions are pending, 8 if the database is ahead",
+    "check": "read only: exit 0 at heads, 9 if revisions are pending, 8 if the database is ahead (MIGRATE_ALLOW_AHEAD)",
     "wait": "repeat check until the database is at heads (for an application's init container)",
     "plan": "list what upgrade would apply from the database's state; --sql prints the SQL",
     "heads": "no database: exit 0 with the single head, or 5 listing the heads and the merge command",
+    "downgrade": "under the lock, revert the revisions above REVISION (an id, or base); run from the newer image",
 }
 
 
@@ -77,6 +78,8 @@ def parser() -> argparse.ArgumentParser:
         _alembic_options(sub, argparse.SUPPRESS)
         if name == "plan":
             sub.add_argument("--sql", action="store_true", help="print the SQL alembic would run (offline mode)")
+        if name == "downgrade":
+            sub.add_argument("revision", help="the revision to leave the database at (a revision id, or base)")
     return p
 
 
@@ -98,6 +101,8 @@ def main(argv: list[str] | None = None) -> int:
         run = COMMANDS[name]
         if name == "plan":
             run = functools.partial(run, sql=args.sql)
+        if name == "downgrade":
+            run = functools.partial(run, target=args.revision)
         settings = Settings.from_env()
         settings = settings.model_copy(update=_from_options(settings, args))
         log.setup(settings.log_format, settings.log_level)

@@ -1,6 +1,6 @@
 """The runner's commands: each a verb taking the settings first, filling in a Report, returning an exit code.
 
-`upgrade` is the one that writes (through `migrate`, under the lock); `check`,
+`upgrade` and `downgrade` write (through `migrate`, under the lock); `check`,
 `wait` and `plan` read through env.py as `alembic current` does and take no
 lock; `heads` needs no database.
 """
@@ -12,6 +12,7 @@ import io
 import logging
 import sys
 import time
+from typing import Callable
 
 import tenacity
 from alembic import command as alembic_command
@@ -20,7 +21,7 @@ from alembic.script import ScriptDirectory
 from sqlalchemy.engine import URL
 from sqlalchemy.exc import DBAPIError
 
-from . import database, envpy, guard, log, migrate, revisions
+from . import database, envpy, guard, lineage, log, migrate, revisions
 from .errors import EXIT_OK, ConfigError, DatabaseUnreachable, PendingRevisions
 from .lock import advisory_lock
 from .report import Report
@@ -33,6 +34,85 @@ logger = logging.getLogger("runner")
 def upgrade(settings: Settings, report: Report) -> int:
     """Wait for the database, take the lock, check heads, stamp a baseline if asked, upgrade heads."""
     url, config, script = _scripts(settings)
+
+    def decide(state: revisions.State) -> str | None:
+        if state.kind == "ahead":
+            _let_ahead_through(settings, state, script)
+        if state.kind != "legacy":
+            return None
+        baseline = revisions.refuse_legacy(state, settings.baseline_revision, script)
+        if baseline is None:
+            logger.info("treating the legacy database as at base (MIGRATE_BASELINE_REVISION=base): every "
+                        "revision applies on top of its %d tables", len(state.tables), extra={"baseline": "base"})
+        else:
+            logger.info("stamping baseline %s on the legacy database", baseline, extra={"baseline": baseline})
+        return baseline
+
+    def run(progress: migrate.Progress, decide: Callable) -> None:
+        migrate.upgrade(config, script, progress, decide, record=lineage.of(script, settings.image),
+                        expected=_expected_version_table(settings))
+
+    progress, reached = _under_lock(settings, report, url, script, decide, run)
+    report.applied = revisions.applied_between(script, progress.start, reached)
+    if progress.state.kind == "ahead":
+        if set(reached) != set(progress.state.current):
+            raise ConfigError(f"the database moved from {_names(progress.state.current)} to {_names(reached)} while "
+                              f"the runner held the lock (written outside it?)")
+        report.outcome = "ahead"
+        report.message = f"ahead of the scripts: at {_names(reached)}, heads {_names(script.get_heads())}; nothing done"
+        return EXIT_OK
+    missing = revisions.pending_revisions(script, reached)
+    if missing:
+        raise ConfigError(
+            f"env.py returned without reaching the heads: the database is at {_names(reached)}, "
+            f"{_count(len(missing), 'revision')} not applied ({', '.join(r.revision for r in missing)}); does env.py "
+            f"commit (context.begin_transaction()) and call context.run_migrations() in online mode?")
+    if progress.state.kind == "current":
+        report.outcome = "current"
+        report.message = f"already at heads: {_names(reached)}"
+        return EXIT_OK
+    report.outcome = "upgraded"
+    report.message = (f"upgraded: {_names(report.from_revision)} -> {_names(report.to_revision)}, "
+                      f"{_count(len(report.applied), 'revision')} applied, lock wait {report.lock_wait:.1f}s, "
+                      f"total {time.monotonic() - report.started:.1f}s")
+    return EXIT_OK
+
+
+def downgrade(settings: Settings, report: Report, target: str) -> int:
+    """Under the lock, revert the revisions above `target` (a revision of the scripts, or base) through env.py."""
+    url, config, script = _scripts(settings)
+    goal = revisions.downgrade_target(script, target)
+
+    def run(progress: migrate.Progress, decide: Callable) -> None:
+        migrate.downgrade(config, script, progress, goal or "base", decide,
+                          record=lineage.of(script, settings.image), expected=_expected_version_table(settings))
+
+    progress, reached = _under_lock(settings, report, url, script,
+                                    lambda state: revisions.refuse_downgrade(state, script, goal), run)
+    report.reverted = revisions.reverted_between(script, progress.start, reached)
+    if (goal is None and reached) or (goal is not None and goal not in reached):
+        raise ConfigError(f"env.py returned without reaching {goal or 'base'}: the database is at {_names(reached)}; "
+                          f"does env.py commit (context.begin_transaction())?")
+    if not report.reverted:
+        report.outcome = "current"
+        report.message = f"already at {goal or 'base'}: nothing to revert"
+        return EXIT_OK
+    report.outcome = "downgraded"
+    report.message = (f"downgraded: {_names(report.from_revision)} -> {_names(reached)}, "
+                      f"{_count(len(report.reverted), 'revision')} reverted, lock wait {report.lock_wait:.1f}s, "
+                      f"total {time.monotonic() - report.started:.1f}s")
+    return EXIT_OK
+
+
+def _under_lock(settings: Settings, report: Report, url: URL, script: ScriptDirectory,
+                decide: Callable[[revisions.State], object],
+                run: Callable[[migrate.Progress, Callable], None]) -> tuple[migrate.Progress, tuple[str, ...]]:
+    """Log in, take the lock, and `run` the migration under the guard; where the database is, read back.
+
+    `decide` sees the state env.py's connection reads before anything is written
+    (and raises to refuse); every failure becomes a RunnerError saying where the
+    database is now.
+    """
     version, first_session = first_login(url, settings.wait_timeout)
     # The lock's session is the first to carry the session options: it reports a proxy refusing them.
     check_interval = _options_after_login(settings, version)
@@ -54,29 +134,18 @@ def upgrade(settings: Settings, report: Report) -> int:
 
         attempts = []
 
-        def decide(state: revisions.State) -> str | None:
+        def decide_once(state: revisions.State):
             attempts.append(state)
             if len(attempts) == 1:  # where the run started; a retry starts where the last attempt ended
                 report.from_revision = state.current
             report.to_revision = state.current
             _log_state(state)
-            if state.kind == "ahead":
-                revisions.refuse_ahead(state)
-            if state.kind != "legacy":
-                return None
-            baseline = revisions.refuse_legacy(state, settings.baseline_revision, script)
-            if baseline is None:
-                logger.info("treating the legacy database as at base (MIGRATE_BASELINE_REVISION=base): every "
-                            "revision applies on top of its %d tables", len(state.tables), extra={"baseline": "base"})
-            else:
-                logger.info("stamping baseline %s on the legacy database", baseline, extra={"baseline": baseline})
-            return baseline
+            return decide(state)
 
         try:
             with guard.guarded_by(lock, progress=progress, report_every=settings.progress_interval) as watchdog:
-                migrate.upgrade_retrying(config, script, progress, watchdog, decide=decide,
-                                         retries=settings.ddl_lock_retries, read_back=read_back,
-                                         **_expected_version_table(settings))
+                migrate.retrying(lambda: run(progress, decide_once), progress, watchdog,
+                                 retries=settings.ddl_lock_retries, read_back=read_back)
                 if progress.state is None:
                     raise revisions.NoMigrationsRun()
         except Exception as e:
@@ -88,28 +157,23 @@ def upgrade(settings: Settings, report: Report) -> int:
                 reached = None
             else:
                 report.to_revision = reached
-                report.applied = revisions.applied_between(script, progress.start, reached)
+                if progress.start is not None:  # else refused before it started
+                    report.applied = revisions.applied_between(script, progress.start, reached)
+                    report.reverted = revisions.reverted_between(script, progress.start, reached)
             # A read that failed once is tried again there, and reported as unknown if it fails again.
             raise migrate.explain_failure(e, progress, lambda: reached if reached is not None else read_back()) from None
         # Success is what the database says, read back, not what env.py returned.
         reached = _read_back_after_success(lock, progress.state)
         report.to_revision = reached
-        report.applied = revisions.applied_between(script, progress.start, reached)
-        missing = revisions.pending_revisions(script, reached)
-        if missing:
-            raise ConfigError(
-                f"env.py returned without reaching the heads: the database is at {_names(reached)}, "
-                f"{_count(len(missing), 'revision')} not applied ({', '.join(r.revision for r in missing)}); does env.py "
-                f"commit (context.begin_transaction()) and call context.run_migrations() in online mode?")
-        if progress.state.kind == "current":
-            report.outcome = "current"
-            report.message = f"already at heads: {_names(reached)}"
-            return EXIT_OK
-    report.outcome = "upgraded"
-    report.message = (f"upgraded: {_names(report.from_revision)} -> {_names(report.to_revision)}, "
-                      f"{_count(len(report.applied), 'revision')} applied, lock wait {report.lock_wait:.1f}s, "
-                      f"total {time.monotonic() - report.started:.1f}s")
-    return EXIT_OK
+        return progress, reached
+
+
+def _let_ahead_through(settings: Settings, state: revisions.State, script: ScriptDirectory) -> None:
+    """Warn about a database ahead of the scripts that MIGRATE_ALLOW_AHEAD lets through, or raise DatabaseAhead."""
+    verdict = revisions.ahead(state, script, settings.allow_ahead)
+    logger.warning(revisions.describe_ahead(state, script, verdict, settings.allow_ahead),
+                   extra={"current": list(state.current), "heads": list(script.get_heads()),
+                          "proven": verdict.proven})
 
 
 def _read_back_after_success(lock, state: revisions.State) -> tuple[str, ...]:
@@ -131,7 +195,7 @@ def check(settings: Settings, report: Report) -> int:
     _connect(settings, url)
     state = _read_state_or_fail(config, script, settings)
     _log_state(state)
-    return _judge(state, report)
+    return _judge(state, report, script, settings)
 
 
 def wait(settings: Settings, report: Report) -> int:
@@ -152,7 +216,7 @@ def wait(settings: Settings, report: Report) -> int:
         if (state.kind, state.current) != last_logged[0]:
             last_logged[0] = (state.kind, state.current)
             _log_state(state)
-        return _judge(state, report)
+        return _judge(state, report, script, settings)
 
     retrying = tenacity.Retrying(
         stop=tenacity.stop_after_delay(settings.wait_timeout),
@@ -183,7 +247,11 @@ def plan(settings: Settings, report: Report, sql: bool = False) -> int:
     _log_state(state)
     report.from_revision = report.to_revision = state.current
     if state.kind == "ahead":
-        revisions.refuse_ahead(state)
+        _let_ahead_through(settings, state, script)
+        report.outcome = "planned"
+        report.message = (f"plan: the database is ahead of the scripts at {_names(state.current)} (heads "
+                          f"{_names(script.get_heads())}): upgrade would change nothing")
+        return EXIT_OK
     start = state.current
     baseline = None
     if state.kind == "legacy":
@@ -219,7 +287,7 @@ def heads(settings: Settings, report: Report) -> int:
     return EXIT_OK
 
 
-COMMANDS = {"upgrade": upgrade, "check": check, "wait": wait, "plan": plan, "heads": heads}
+COMMANDS = {"upgrade": upgrade, "check": check, "wait": wait, "plan": plan, "heads": heads, "downgrade": downgrade}
 
 
 # -- shared steps -----------------------------------------------------------------------
@@ -269,10 +337,13 @@ def _session_options(settings: Settings, check_interval: int | None, **timeouts:
                                  **timeouts)
 
 
-def _judge(state: revisions.State, report: Report) -> int:
+def _judge(state: revisions.State, report: Report, script: ScriptDirectory, settings: Settings) -> int:
     report.from_revision = report.to_revision = state.current
     if state.kind == "ahead":
-        revisions.refuse_ahead(state)
+        _let_ahead_through(settings, state, script)
+        report.outcome = "ahead"
+        report.message = f"ahead of the scripts: at {_names(state.current)}, heads {_names(script.get_heads())}"
+        return EXIT_OK
     if state.kind == "current":
         report.outcome = "current"
         report.message = f"at heads: {_names(state.current)}"

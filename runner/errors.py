@@ -10,7 +10,7 @@ one log line and its ``exit_code``. Anything else escaping is a bug (exit 1).
     ├── MultipleHeads          5  the scripts have more than one head
     ├── LegacyDatabase         6  tables but no version table, and no usable baseline
     ├── RevisionFailed         7  a revision raised; the database is left consistent
-    ├── DatabaseAhead          8  the database names revisions the scripts do not know
+    ├── DatabaseAhead          8  the database names revisions the scripts do not know (not let through)
     └── PendingRevisions       9  `check`/`wait`: revisions are not applied yet
     Interrupted  130 / 143        SIGINT / SIGTERM (a KeyboardInterrupt, so that
                                   psycopg cancels the statement in flight)
@@ -40,7 +40,7 @@ class ConfigError(RunnerError):
     """A setting, the Alembic config or the connection is unusable as given."""
 
     exit_code = 2
-    meaning = "configuration error (a variable, alembic.ini, or a pooled connection)"
+    meaning = "configuration error (a variable, alembic.ini, a pooled connection, or a downgrade target not below the database)"
 
 
 class DatabaseUnreachable(RunnerError):
@@ -81,10 +81,10 @@ class RevisionFailed(RunnerError):
 
 
 class DatabaseAhead(RunnerError):
-    """The version table names revisions that the scripts do not contain."""
+    """The version table names revisions the scripts do not contain, and MIGRATE_ALLOW_AHEAD refuses them."""
 
     exit_code = 8
-    meaning = "the database is at revisions these scripts do not know (newer image?)"
+    meaning = "the database is at revisions these scripts do not know, and MIGRATE_ALLOW_AHEAD refuses it (see Rollbacks)"
 
 
 class PendingRevisions(RunnerError):
@@ -125,7 +125,9 @@ EXIT_SIGNALS = {signal.SIGINT: 128 + signal.SIGINT, signal.SIGTERM: 128 + signal
 
 def exit_codes() -> list[dict]:
     """Every exit code with its name, meaning and whether a retry can help."""
-    rows = [{"code": EXIT_OK, "name": "ok", "meaning": "done: the database is at the scripts' heads", "retryable": False}]
+    rows = [{"code": EXIT_OK, "name": "ok", "retryable": False,
+             "meaning": "done: the database is at the scripts' heads (`downgrade`: at its target), or ahead of them "
+                        "and let through by MIGRATE_ALLOW_AHEAD"}]
     rows.append({"code": EXIT_BUG, "name": "RunnerError", "meaning": RunnerError.meaning, "retryable": False})
     rows += [{"code": e.exit_code, "name": e.__name__, "meaning": e.meaning, "retryable": e.retryable} for e in ERRORS]
     for signum, code in EXIT_SIGNALS.items():

@@ -1,10 +1,13 @@
-"""The only module that writes: upgrade to heads, stamping a baseline first if asked.
+"""The only module that writes: upgrade to heads (stamping a baseline first if asked), or downgrade.
 
-It runs the project's own env.py as `alembic upgrade heads` does (a baseline is a
-stamp step ahead of the upgrade's, as `alembic stamp` would write it), and hands it nothing: env.py builds its own engine and opens its own
+It runs the project's own env.py as `alembic upgrade heads` and `alembic downgrade`
+do (a baseline is a stamp step ahead of the upgrade's, as `alembic stamp` would
+write it), and hands it nothing: env.py builds its own engine and opens its own
 transactions, so whatever it configures (driver, connect_args, version table,
 transaction per migration, autocommit blocks) behaves as under alembic's CLI.
-The guard (`guard.guarded_by`) follows every connection env.py opens.
+Each change of the version table also records the scripts' lineage (`lineage`)
+in the same transaction. The guard (`guard.guarded_by`) follows every connection
+env.py opens.
 """
 
 from __future__ import annotations
@@ -18,10 +21,10 @@ from typing import Callable
 import tenacity
 from alembic.config import Config
 from alembic.script import ScriptDirectory
-from sqlalchemy import event
+from sqlalchemy import MetaData, String, Table, event, text
 from sqlalchemy.engine import Engine
 
-from . import database, envpy, log, revisions
+from . import database, envpy, lineage, log, revisions
 from .errors import ConfigError, DatabaseUnreachable, RevisionFailed, RunnerError
 from .guard import LockLost, Watchdog, describe_blockers
 
@@ -33,7 +36,7 @@ class Progress:
     """What an upgrade is doing: the state it started from and the revision running now."""
 
     state: revisions.State | None = None  # as read on env.py's connection before anything was written
-    start: tuple[str, ...] = ()  # the revisions the upgrade started from (after any baseline stamp)
+    start: tuple[str, ...] | None = None  # the revisions the run started from (after any baseline stamp)
     running: object | None = None  # the Script being applied
     # Commits made while the running revision's upgrade() ran (alembic's autocommit_block):
     # a revision that committed part of itself did not roll back entirely.
@@ -44,17 +47,58 @@ class Progress:
 
 
 def upgrade(config: Config, script: ScriptDirectory, progress: Progress,
-            decide: Callable[[revisions.State], str | None], **expected: str | None) -> None:
+            decide: Callable[[revisions.State], str | None], *, record: lineage.Lineage | None = None,
+            expected: dict | None = None) -> None:
     """`alembic upgrade heads` in one run of env.py, which reads the database's state first.
 
     Before anything is written, `decide` gets the state as read on env.py's own
     connection (its driver, search_path and version table; `expected` are the
     MIGRATE_ version table variables that must agree): it raises to refuse, or
     returns a baseline revision to stamp first, in the same transaction as the
-    upgrade. env.py runs with dont_mutate, so that a refusal leaves no version
-    table behind; the table is created, by alembic, once the upgrade goes ahead.
+    upgrade. A database at heads, or ahead of them (let through), gets no step.
     """
 
+    def plan(state: revisions.State, current: tuple[str, ...], context, first_attempt: bool) -> list:
+        baseline = decide(state)
+        start = (baseline,) if baseline else current
+        if first_attempt:  # a retry starts where the last attempt left the database
+            progress.start = start
+        if state.kind in ("current", "ahead"):
+            return []
+        # What command.upgrade does, with each revision timed as it runs.
+        upgrades = script._upgrade_revs("heads", start)
+        for step in upgrades:
+            step.migration_fn = _timed(step.migration_fn, step.revision, progress, "ran")
+        if not current:
+            context._ensure_version_table()
+        stamps = script._stamp_revs(baseline, current) if baseline else []
+        return [*stamps, *upgrades]
+
+    _run(config, script, progress, plan, record, expected or {}, destination_rev="heads")
+
+
+def downgrade(config: Config, script: ScriptDirectory, progress: Progress, target: str,
+              decide: Callable[[revisions.State], None], *, record: lineage.Lineage | None = None,
+              expected: dict | None = None) -> None:
+    """`alembic downgrade <target>` in one run of env.py; `decide` refuses a state it must not touch."""
+
+    def plan(state: revisions.State, current: tuple[str, ...], context, first_attempt: bool) -> list:
+        decide(state)
+        if first_attempt:
+            progress.start = current
+        # What command.downgrade does: every revision above the target, newest first.
+        steps = script._downgrade_revs(target, current)
+        for step in steps:
+            step.migration_fn = _timed(step.migration_fn, step.revision, progress, "reverted")
+        return steps
+
+    _run(config, script, progress, plan, record, expected or {}, destination_rev=target)
+
+
+def _run(config: Config, script: ScriptDirectory, progress: Progress, plan, record: lineage.Lineage | None,
+         expected: dict, **options) -> None:
+    """Run env.py once with dont_mutate, so that a refusal leaves nothing behind (not even a version table);
+    `plan` gets the state read on env.py's connection and returns the steps to run."""
     contexts = []
 
     def steps(current, context):
@@ -64,28 +108,53 @@ def upgrade(config: Config, script: ScriptDirectory, progress: Progress,
         log.restore()  # whatever env.py did to logging on its way here (logging.disable, say)
         first_attempt = progress.state is None
         state = progress.state = revisions.observe(context, script, **expected)
-        baseline = decide(state)
-        start = (baseline,) if baseline else tuple(current)
-        if first_attempt:  # a retry starts where the last attempt left the database
-            progress.start = start
-        if state.kind == "current":
-            return []
-        # What command.upgrade does, with each revision timed as it runs.
-        upgrades = script._upgrade_revs("heads", start)
-        for step in upgrades:
-            step.migration_fn = _timed(step.migration_fn, step.revision, progress)
-        if not current:
-            context._ensure_version_table()
-        stamps = script._stamp_revs(baseline, current) if baseline else []
-        return [*stamps, *upgrades]
+        planned = plan(state, tuple(current), context, first_attempt)
+        if planned and record is not None:
+            # Called by alembic after each step's version table change, inside the same transaction.
+            context.on_version_apply_callbacks = (*context.on_version_apply_callbacks, _recorder(record, state))
+        return planned
 
-    envpy.run(config, script, steps, destination_rev="heads", dont_mutate=True)
+    envpy.run(config, script, steps, dont_mutate=True, **options)
 
 
-def _timed(migration_fn, revision, progress: Progress):
+# Whether the session's role may comment on the version table (owns it), and its comment now.
+_OWNER_AND_COMMENT = text("""
+    SELECT pg_has_role(c.relowner, 'USAGE'), obj_description(c.oid, 'pg_class')
+      FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+     WHERE c.relname = :table AND n.nspname = :schema
+""")
+
+
+def _recorder(record: lineage.Lineage, state: revisions.State):
+    """An on_version_apply callback writing `record` as the version table's comment, when it changed."""
+    comment = lineage.encode(record)
+    warned = []
+
+    def record_lineage(ctx, **_) -> None:
+        connection = ctx.connection
+        owner, current = connection.execute(_OWNER_AND_COMMENT, {"table": state.table, "schema": state.schema}).one()
+        if current == comment:
+            return
+        if not owner or not lineage.is_ours(current):
+            if not warned:
+                warned.append(True)
+                why = "the role does not own it" if not owner else "it holds a comment of its own"
+                logger.warning("not recording the lineage on %s.%s (%s): an older image will treat this "
+                               "database as unknown and exit 8 unless MIGRATE_ALLOW_AHEAD=always",
+                               state.schema, state.table, why)
+            return
+        table = connection.dialect.identifier_preparer.format_table(Table(state.table, MetaData(), schema=state.schema))
+        literal = String().literal_processor(connection.dialect)(comment)
+        # A utility statement takes no bind parameters; no_parameters keeps a '%' from the driver's formatting.
+        connection.exec_driver_sql(f"COMMENT ON TABLE {table} IS {literal}", execution_options={"no_parameters": True})
+
+    return record_lineage
+
+
+def _timed(migration_fn, revision, progress: Progress, verb: str):
     # alembic logs "Running upgrade ..." from the function's name: keep it.
     @functools.wraps(migration_fn)
-    def timed_upgrade(**kwargs):
+    def timed(**kwargs):
         progress.running = revision
         progress.committed_inside = 0
         started = progress.started = time.monotonic()
@@ -99,21 +168,20 @@ def _timed(migration_fn, revision, progress: Progress):
             progress.inside = False
         seconds = time.monotonic() - started
         # Ran, not applied: it is applied once env.py commits it, which the read-back tells.
-        logger.info("ran %s (%s) in %.2fs", revision.revision, revisions.title(revision.doc), seconds,
+        logger.info("%s %s (%s) in %.2fs", verb, revision.revision, revisions.title(revision.doc), seconds,
                     extra={"revision": revision.revision, "seconds": round(seconds, 3)})
 
-    return timed_upgrade
+    return timed
 
 
-def upgrade_retrying(config: Config, script: ScriptDirectory, progress: Progress, watchdog: Watchdog, *,
-                     decide: Callable[[revisions.State], str | None], retries: int, read_back: Callable[[], tuple],
-                     sleep=time.sleep, **expected: str | None) -> None:
-    """upgrade(); a revision that rolled back entirely on lock_timeout is retried."""
+def retrying(run: Callable[[], None], progress: Progress, watchdog: Watchdog, *, retries: int,
+             read_back: Callable[[], tuple], sleep=time.sleep) -> None:
+    """run() (an upgrade or a downgrade); a revision that rolled back entirely on lock_timeout is retried."""
 
     def attempt() -> None:
         watchdog.blockers = []
         progress.running, progress.raised_inside, progress.committed_inside = None, False, 0
-        upgrade(config, script, progress, decide, **expected)
+        run()
 
     def count_commit(connection) -> None:
         if progress.inside:

@@ -28,6 +28,7 @@ class Report:
     from_revision: tuple[str, ...] = ()
     to_revision: tuple[str, ...] = ()
     applied: list[str] = field(default_factory=list)
+    reverted: list[str] = field(default_factory=list)
     pending: list[str] = field(default_factory=list)
     lock_wait: float | None = None
     started: float = field(default_factory=time.monotonic)
@@ -41,6 +42,7 @@ class Report:
             "from_revision": list(self.from_revision),
             "to_revision": list(self.to_revision),
             "applied": self.applied,
+            "reverted": self.reverted,
             "pending": self.pending,
             "lock_wait": None if self.lock_wait is None else round(self.lock_wait, 3),
             "duration": round(time.monotonic() - self.started, 3),

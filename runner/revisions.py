@@ -18,7 +18,7 @@ from alembic.util import CommandError
 from sqlalchemy import MetaData, Table, inspect, text
 from sqlalchemy.engine import URL, Connection
 
-from . import envpy
+from . import envpy, lineage
 from .errors import ConfigError, DatabaseAhead, LegacyDatabase, MultipleHeads
 
 
@@ -165,6 +165,7 @@ class State:
     # Where env.py keeps the version table (the schema resolved on env.py's own connection).
     schema: str | None = None
     table: str = "alembic_version"
+    lineage: lineage.Lineage | None = None  # read when the database is ahead: what proves it descends from ours
 
 
 def database_state(config: Config, script: ScriptDirectory, *, version_table: str | None = None,
@@ -217,7 +218,8 @@ def state_of(connection: Connection, script: ScriptDirectory, *, version_table: 
         return State(kind="fresh", pending=pending_revisions(script, ()), **where)
     unknown = tuple(rev for rev in current if not _known(script, rev))
     if unknown:
-        return State(kind="ahead", current=current, unknown=unknown, **where)
+        recorded = lineage.decode(version_table_comment(connection, version_table=version_table, schema=schema))
+        return State(kind="ahead", current=current, unknown=unknown, lineage=recorded, **where)
     pending = pending_revisions(script, current)
     return State(kind="pending" if pending else "current", current=current, pending=pending, **where)
 
@@ -258,6 +260,17 @@ def _refuse_version_table_elsewhere(connection: Connection, script: ScriptDirect
                 f"to confirm {schema} is right)")
 
 
+_COMMENT = text("""
+    SELECT obj_description(c.oid, 'pg_class') FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+     WHERE c.relname = :table AND n.nspname = :schema
+""")
+
+
+def version_table_comment(connection: Connection, *, version_table: str, schema: str) -> str | None:
+    """The version table's comment, where the runner records the lineage."""
+    return connection.execute(_COMMENT, {"table": version_table, "schema": schema}).scalar()
+
+
 def current_heads(connection: Connection, *, version_table: str, schema: str | None) -> tuple[str, ...]:
     """The revisions in the version table (none if it does not exist)."""
     with _quiet():
@@ -284,6 +297,53 @@ def applied_between(script: ScriptDirectory, before: tuple[str, ...], after: tup
         return []
     reached = {r.revision for head in after for r in script.iterate_revisions(head, "base")}
     return [r.revision for r in pending_revisions(script, before) if r.revision in reached]
+
+
+def reverted_between(script: ScriptDirectory, before: tuple[str, ...], after: tuple[str, ...]) -> list[str]:
+    """The revisions `downgrade` reverted to go from `before` to `after`, newest first."""
+    if not all(_known(script, revision) for revision in (*before, *after)):
+        return []
+    gone = _lineage_of(script, before) - _lineage_of(script, after)
+    return [r.revision for r in script.walk_revisions() if r.revision in gone]
+
+
+def _lineage_of(script: ScriptDirectory, revisions_: tuple[str, ...]) -> set[str]:
+    """`revisions_` and every revision beneath them."""
+    return {r.revision for revision in revisions_ for r in script.iterate_revisions(revision, "base")}
+
+
+def downgrade_target(script: ScriptDirectory, target: str) -> str | None:
+    """The full id of a downgrade target given as a revision id (or a unique prefix of one); None for base."""
+    if target == "base":
+        return None
+    if target in ("head", "heads") or target.startswith(("-", "+")) or any(c in target for c in ":@"):
+        raise ConfigError(f"downgrade {target}: give a revision id of the scripts, or base (relative and symbolic "
+                          f"targets are refused: the target should be read in the command that runs)")
+    try:
+        revision = script.get_revision(target)
+    except CommandError as e:
+        raise ConfigError(f"downgrade {target}: not a revision of the scripts in {script.dir} ({e})") from None
+    if revision is None:
+        raise ConfigError(f"downgrade {target}: not a revision of the scripts in {script.dir}")
+    return revision.revision
+
+
+def refuse_downgrade(state: State, script: ScriptDirectory, goal: str | None) -> None:
+    """ConfigError unless the database's revisions are at `goal` (None: base) or above it; DatabaseAhead when
+    the scripts do not know them (they lack the downgrade code)."""
+    if state.kind == "ahead":
+        recorded = state.lineage.image if state.lineage else None
+        raise DatabaseAhead(f"downgrade {goal or 'base'}: the database is at {', '.join(state.current)}, which these "
+                            f"scripts do not know, so they cannot revert it: run the downgrade from "
+                            f"{'image ' + recorded if recorded else 'the image whose scripts contain it'}")
+    if goal is None or state.current == (goal,):
+        return
+    if not state.current:
+        raise ConfigError(f"downgrade {goal}: the database is at no revision ({state.kind}); there is nothing to "
+                          f"downgrade")
+    if goal not in _lineage_of(script, state.current) - set(state.current):
+        raise ConfigError(f"downgrade {goal}: the database is at {', '.join(state.current)}, and {goal} is not below "
+                          f"it; downgrade only goes down (upgrade goes up)")
 
 
 def _known(script: ScriptDirectory, revision: str) -> bool:
@@ -317,7 +377,25 @@ def refuse_legacy(state: State, baseline: str | None, script: ScriptDirectory) -
     return script.get_revision(baseline).revision
 
 
-def refuse_ahead(state: State) -> None:
+def ahead(state: State, script: ScriptDirectory, allow: str) -> lineage.Verdict:
+    """The verdict on a database ahead of the scripts when MIGRATE_ALLOW_AHEAD=`allow` lets it through,
+    else DatabaseAhead naming the downgrade that would let these scripts run."""
+    verdict = lineage.judge(state.lineage, script, state.current)
+    if allow == "always" or (allow == "descendants" and verdict.proven):
+        return verdict
+    heads = ", ".join(script.get_heads())
+    target = verdict.meeting_point or heads
+    image = f"image {verdict.image}" if verdict.image else f"the newer image (whose scripts contain {', '.join(state.unknown)})"
+    why = verdict.why if allow == "descendants" else "MIGRATE_ALLOW_AHEAD=never"
     raise DatabaseAhead(
-        f"the database is at {', '.join(state.unknown)}, which these scripts do not contain: "
-        f"it was migrated by a newer version of the application; deploy that version or downgrade with it")
+        f"the database is at {', '.join(state.current)}, which these scripts (head {heads}) do not know; {why}. "
+        f"To run this image, first bring the schema back with `migration-runner downgrade {target}` run from "
+        f"{image}; or deploy that image again"
+        f"{'; MIGRATE_ALLOW_AHEAD=always accepts it unproven' if allow == 'descendants' else ''}")
+
+
+def describe_ahead(state: State, script: ScriptDirectory, verdict: lineage.Verdict, allow: str) -> str:
+    """The warning for a database let through ahead of the scripts."""
+    return (f"the database is at {', '.join(state.current)}, ahead of these scripts (head "
+            f"{', '.join(script.get_heads())}): {verdict.why if verdict.proven else 'unproven, ' + verdict.why}; "
+            f"changing nothing (MIGRATE_ALLOW_AHEAD={allow})")

@@ -62,6 +62,15 @@ class Settings(BaseSettings):
     allow_multiple_heads: bool = Field(
         False, alias="MIGRATE_ALLOW_MULTIPLE_HEADS",
         description="Upgrade every head instead of refusing scripts with several heads.")
+    allow_ahead: Literal["descendants", "always", "never"] = Field(
+        "descendants", alias="MIGRATE_ALLOW_AHEAD",
+        description="A database at revisions the scripts do not know (an older image after a rollback): `descendants` "
+                    "exits 0 when the lineage the runner records proves they descend from the scripts' heads, "
+                    "`always` exits 0 regardless, `never` exits 8.")
+    image: str | None = Field(
+        None, alias="MIGRATE_IMAGE",
+        description="The image the runner runs from (the chart sets it): recorded with the lineage, so that an "
+                    "older image's exit 8 names the image to downgrade with.")
     version_table: str = Field(
         "alembic_version", min_length=1, alias="MIGRATE_VERSION_TABLE",
         description="Alembic version table; must match env.py's version_table.")
@@ -95,11 +104,11 @@ class Settings(BaseSettings):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
         "INFO", alias="MIGRATE_LOG_LEVEL", description="DEBUG, INFO, WARNING or ERROR.")
 
-    @field_validator("log_level", "log_format", mode="before")
+    @field_validator("log_level", "log_format", "allow_ahead", mode="before")
     @classmethod
     def _case_insensitive(cls, value, info):
         if isinstance(value, str):
-            return value.upper() if info.field_name == "log_level" else value.lower()
+            return value.upper() if info.field_name == "log_level" else value.strip().lower()
         return value
 
     def url(self) -> URL:

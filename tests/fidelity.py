@@ -19,6 +19,8 @@ from pathlib import Path
 import psycopg
 from pgserver._commands import POSTGRES_BIN_PATH
 
+from runner.lineage import MARK
+
 from .conftest import RUNNER_PASSWORD, RUNNER_ROLE, Result, run_runner, runner_env
 from .postgres import Postgres
 
@@ -55,13 +57,15 @@ def run_alembic(ini: Path, url: str, *args: str, env: dict | None = None, timeou
 
 
 def schema_dump(postgres: Postgres, database: str) -> str:
-    """pg_dump --schema-only, without comments and the lines that differ between any two dumps."""
+    """pg_dump --schema-only, without comments, the lines that differ between any two dumps, and the lineage
+    the runner records as the version table's comment (its one intended difference from plain alembic)."""
     proc = subprocess.run(
         [str(POSTGRES_BIN_PATH / "pg_dump"), "--schema-only", "--no-owner", "--no-privileges",
          "-h", postgres.host, "-p", str(postgres.port), "-U", "postgres", database],
         env={**os.environ, "PGPASSWORD": "super-secret-pw"}, capture_output=True, text=True, timeout=60, check=True)
     keep = [line for line in proc.stdout.splitlines()
-            if line.strip() and not line.startswith(("--", "\\restrict", "\\unrestrict"))]
+            if line.strip() and not line.startswith(("--", "\\restrict", "\\unrestrict"))
+            and not (line.startswith("COMMENT ON TABLE ") and f" IS '{MARK} " in line)]
     return "\n".join(keep)
 
 

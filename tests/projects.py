@@ -27,7 +27,7 @@ def upgrade():
 
 
 def downgrade():
-    pass
+{undo}
 '''
 
 
@@ -40,12 +40,15 @@ class Rev:
     sql: list[str] = field(default_factory=list)
     python: str = ""
     message: str = ""
+    undo: list[str] = field(default_factory=list)  # the body of downgrade(), SQL statements
+
 
     def source(self) -> str:
         lines = [f"    op.execute({stmt!r})" for stmt in self.sql]
         lines += ["    " + line for line in self.python.strip("\n").splitlines()]
+        undo = "\n".join(f"    op.execute({stmt!r})" for stmt in self.undo) or "    pass"
         return TEMPLATE.format(id=self.id, down=self.down, down_text=self.down or "", body="\n".join(lines) or "    pass",
-                               message=self.message or f"revision {self.id}")
+                               undo=undo, message=self.message or f"revision {self.id}")
 
 
 def chain(n: int, prefix: str = "r", start_down: str | None = None) -> list[Rev]:
@@ -54,7 +57,7 @@ def chain(n: int, prefix: str = "r", start_down: str | None = None) -> list[Rev]
     for i in range(1, n + 1):
         rid = f"{prefix}{i:04d}"
         revs.append(Rev(rid, down, [f"CREATE TABLE {prefix}_{i} (id serial PRIMARY KEY, note text)"],
-                        message=f"create {prefix}_{i}"))
+                        message=f"create {prefix}_{i}", undo=[f"DROP TABLE {prefix}_{i}"]))
         down = rid
     return revs
 

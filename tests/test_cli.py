@@ -264,10 +264,11 @@ def test_empty_version_table_and_no_tables_is_fresh(database_url, project):
     assert_consistent(database_url, ["r0003"])
 
 
-def test_database_ahead_of_the_scripts_exits_8_and_writes_nothing(database_url, project, tmp_path):
+def test_database_ahead_of_the_scripts_exits_8_with_allow_ahead_never_and_writes_nothing(database_url, project,
+                                                                                          tmp_path):
     newer = make_project(tmp_path / "newer", chain(5))
     assert run_runner(runner_env(database_url, newer)).returncode == 0
-    result = run_runner(runner_env(database_url, project))
+    result = run_runner(runner_env(database_url, project, MIGRATE_ALLOW_AHEAD="never"))
     assert result.returncode == 8, result
     assert "r0005" in result.last["event"] and "newer" in result.last["event"]
     assert version_rows(database_url) == ["r0005"]

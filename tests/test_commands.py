@@ -43,8 +43,11 @@ def test_check_on_fresh_pending_current_and_ahead(database_url, tmp_path):
     assert current.returncode == 0 and current.last["to_revision"] == ["r0003"], current
 
     older = make_project(tmp_path / "older", chain(1))
+    # The runner recorded the lineage: r0003 descends from the older head, r0001 (test_rollbacks has more).
     ahead = run_runner(runner_env(database_url, older), "check")
-    assert ahead.returncode == 8 and "r0003" in ahead.last["event"], ahead
+    assert ahead.returncode == 0 and ahead.last["outcome"] == "ahead" and "r0003" in ahead.last["event"], ahead
+    refused = run_runner(runner_env(database_url, older, MIGRATE_ALLOW_AHEAD="never"), "check")
+    assert refused.returncode == 8 and "r0003" in refused.last["event"], refused
     assert version_rows(database_url) == ["r0003"]
 
 
@@ -169,6 +172,7 @@ def scenario(name: str, tmp_path: Path, url: str) -> tuple[dict, tuple[str, ...]
         add_revisions(tmp_path / "p", [Rev("r0003", "r0002", ["SELECT 1/0"])])
     if name == "ahead":
         upgrade_to(url, tmp_path / "newer", 4)
+        return runner_env(url, ini, MIGRATE_ALLOW_AHEAD="never"), ()
     if name == "unreachable":
         return runner_env(f"postgresql://u:pw@127.0.0.1:{free_port()}/db", ini, MIGRATE_WAIT_TIMEOUT="1"), ()
     if name == "configuration":

@@ -126,7 +126,8 @@ COMBINATIONS = {
                               "connectionCheckInterval": 0, "statementTimeout": 120, "ddlLockTimeout": 5,
                               "ddlLockRetries": 3, "terminationLog": "/tmp/summary.json",
                               "logFormat": "text", "logLevel": "DEBUG", "progressInterval": 30,
-                              "alembicSection": "app", "alembicXArgs": "tenant=acme region=eu"}},
+                              "alembicSection": "app", "alembicXArgs": "tenant=acme region=eu",
+                              "allowAhead": "never"}},
     "scheduling": {"nodeSelector": {"kubernetes.io/os": "linux"},
                    "tolerations": [{"key": "dedicated", "operator": "Equal", "value": "batch", "effect": "NoSchedule"}],
                    "affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {
@@ -414,6 +415,9 @@ def test_every_runner_variable_is_settable_from_values():
     assert env["MIGRATE_CONNECTION_CHECK_INTERVAL"] == "0"
     assert env["MIGRATE_BASELINE_REVISION"] == "0001"
     assert env["MIGRATE_DDL_LOCK_RETRIES"] == "3"
+    assert env["MIGRATE_ALLOW_AHEAD"] == "never"
+    # The image is recorded with the lineage, so that an older image's exit 8 can name it.
+    assert env["MIGRATE_IMAGE"] == container(render(values))["image"]
     assert env["ALEMBIC_CONFIG"] == "/app/db/alembic.ini"
     # An integer lock key given as a number is rendered as an integer, not 1e+06.
     assert env_of(container(render({"config": {"lockKey": 1000000}})))["MIGRATE_LOCK_KEY"] == "1000000"
@@ -421,7 +425,7 @@ def test_every_runner_variable_is_settable_from_values():
 
 def test_unset_settings_leave_the_runner_defaults():
     env = env_of(container(render()))
-    assert set(env) == {"DATABASE_URL_FILE", "MIGRATE_LOG_FORMAT", "MIGRATE_LOG_LEVEL"}
+    assert set(env) == {"DATABASE_URL_FILE", "MIGRATE_IMAGE", "MIGRATE_LOG_FORMAT", "MIGRATE_LOG_LEVEL"}
     assert "ALEMBIC_CONFIG" not in env  # the image's own ALEMBIC_CONFIG applies
 
 
@@ -738,3 +742,19 @@ def test_rendered_job_migrates_inside_the_image(runner_image, database_url, tmp_
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert version_rows(database_url) == ["0003"]
     assert pod["securityContext"]["runAsNonRoot"] is True
+
+
+def test_the_documented_downgrade_job_renders_as_ordinary_resources_with_its_own_name():
+    """README "Rollbacks": the newer release's values, mode job, args downgrade <revision>."""
+    newer = {"image": {"repository": "registry.example/app", "tag": "2.0"}}
+    release_job = only(render(newer), "Job")
+    docs = render(deep_merge(newer, {"mode": "job", "args": ["downgrade", "0004"]}))
+    for doc in docs:
+        kubernetes_validate.validate(doc, KUBE_VERSION, strict=True)
+        assert not any(key.startswith(("helm.sh/hook", "argocd.argoproj.io")) for key in annotations(doc)), doc
+    job = only(docs, "Job")
+    assert container(docs)["args"] == ["downgrade", "0004"]
+    assert env_of(container(docs))["MIGRATE_IMAGE"] == "registry.example/app:2.0"
+    assert job["metadata"]["name"] != release_job["metadata"]["name"]
+    assert job["spec"]["podFailurePolicy"]
+    assert {"Secret", "ServiceAccount"} <= set(kinds(docs))

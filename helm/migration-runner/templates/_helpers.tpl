@@ -177,6 +177,9 @@ argocd.argoproj.io/hook-delete-policy: {{ .Values.argocd.deletePolicy | quote }}
 {{- $v := .Values -}}
 - name: DATABASE_URL_FILE
   value: {{ printf "%s/url" (trimSuffix "/" $v.database.mountPath) | quote }}
+{{- /* Recorded with the lineage: an older image refused on this database names the image to downgrade with. */}}
+- name: MIGRATE_IMAGE
+  value: {{ include "migration-runner.image" . | quote }}
 {{- if $v.migrations.alembicConfig }}
 - name: ALEMBIC_CONFIG
   value: {{ $v.migrations.alembicConfig | quote }}
@@ -190,6 +193,7 @@ argocd.argoproj.io/hook-delete-policy: {{ .Values.argocd.deletePolicy | quote }}
   "lockKey" "MIGRATE_LOCK_KEY"
   "baselineRevision" "MIGRATE_BASELINE_REVISION"
   "allowMultipleHeads" "MIGRATE_ALLOW_MULTIPLE_HEADS"
+  "allowAhead" "MIGRATE_ALLOW_AHEAD"
   "versionTable" "MIGRATE_VERSION_TABLE"
   "versionTableSchema" "MIGRATE_VERSION_TABLE_SCHEMA"
   "applicationName" "MIGRATE_APPLICATION_NAME"

@@ -1,0 +1,124 @@
+"""The revision graph the runner records beside the version table, and what it proves.
+
+Whenever the runner changes the version table, it also writes, in the same
+transaction, the graph of the scripts it ran with (revision -> its down
+revisions) as the version table's comment. An older image, finding the
+database at revisions it does not know, reads it to prove that those revisions
+descend from its own heads (an expand/contract deploy rolled back) rather than
+from a branch it never saw. A comment, because autogenerate and `alembic check`
+skip the version table, plain alembic never touches it, and writing it needs
+nothing beyond owning the version table.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+from alembic.script import ScriptDirectory
+from alembic.util import to_tuple
+
+MARK = "migration-runner lineage"
+
+
+@dataclass(frozen=True)
+class Lineage:
+    """A recorded graph: each revision's down revisions, the heads, and the image that wrote it."""
+
+    graph: dict[str, tuple[str, ...]]
+    heads: tuple[str, ...]
+    image: str | None = None
+
+
+def of(script: ScriptDirectory, image: str | None) -> Lineage:
+    """The lineage of `script`, as a runner running from `image` records it."""
+    graph = {r.revision: to_tuple(r.down_revision, default=()) for r in script.walk_revisions()}
+    return Lineage(graph=graph, heads=tuple(script.get_heads()), image=image)
+
+
+def encode(lineage: Lineage) -> str:
+    """The comment text: one line, the mark first so that a human reading `\\dt+` knows whose it is."""
+    record = {"heads": list(lineage.heads), "image": lineage.image,
+              "revisions": {rev: list(down) for rev, down in sorted(lineage.graph.items())}}
+    return f"{MARK} 1 " + json.dumps(record, separators=(",", ":"), sort_keys=True)
+
+
+def decode(comment: str | None) -> Lineage | None:
+    """The lineage a comment records; None for no comment, another's comment or a format not understood."""
+    if not comment or not comment.startswith(f"{MARK} 1 "):
+        return None
+    try:
+        record = json.loads(comment.removeprefix(f"{MARK} 1 "))
+        graph = {str(rev): tuple(str(d) for d in down) for rev, down in record["revisions"].items()}
+        return Lineage(graph=graph, heads=tuple(record["heads"]), image=record.get("image"))
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return None
+
+
+def is_ours(comment: str | None) -> bool:
+    """Whether the runner may overwrite this comment: none yet, or one the runner wrote."""
+    return not comment or comment.startswith(MARK)
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """Whether a database at revisions the scripts do not know is ahead of them, and how to go back."""
+
+    proven: bool  # the recorded lineage shows every head of the scripts beneath the database's revisions
+    why: str  # one clause saying why (not)
+    # The newest revision of the scripts the database's revisions descend from, per the lineage
+    # (the downgrade target that lets these scripts run); None when nothing is known.
+    meeting_point: str | None
+    image: str | None  # the image that recorded the lineage
+
+
+def judge(recorded: Lineage | None, script: ScriptDirectory, current: tuple[str, ...]) -> Verdict:
+    """Whether `recorded` proves that the database's `current` revisions descend from the scripts' heads."""
+    heads = tuple(script.get_heads())
+    if recorded is None:
+        return Verdict(False, "no lineage recorded by migration-runner shows where they come from "
+                              "(migrated by plain alembic, or by a runner without write access to the comment?)",
+                       None, None)
+    mine = of(script, None).graph
+    # Ids both graphs know must name the same revision: same parents, or the ids collide.
+    clash = next((rev for rev, down in recorded.graph.items() if rev in mine and set(mine[rev]) != set(down)), None)
+    if clash is not None:
+        return Verdict(False, f"the recorded lineage gives {clash} other down revisions than these scripts do",
+                       None, recorded.image)
+    unrecorded = [rev for rev in current if rev not in mine and rev not in recorded.graph]
+    if unrecorded:
+        return Verdict(False, f"the recorded lineage (of head {', '.join(recorded.heads)}) does not contain "
+                              f"{', '.join(unrecorded)}", None, recorded.image)
+    below = _ancestors({**recorded.graph, **mine}, current)
+    meeting = _newest_known(recorded.graph, mine, current)
+    missing = [head for head in heads if head not in below]
+    if missing:
+        return Verdict(False, f"per the recorded lineage {', '.join(current)} do not descend from "
+                              f"{', '.join(missing)} (a branch these scripts never saw)", meeting, recorded.image)
+    by = f" (by image {recorded.image})" if recorded.image else ""
+    return Verdict(True, f"the lineage recorded by migration-runner{by} shows {', '.join(current)} descending from "
+                         f"{', '.join(heads)}", meeting, recorded.image)
+
+
+def _ancestors(graph: dict[str, tuple[str, ...]], revisions: tuple[str, ...]) -> set[str]:
+    seen: set[str] = set()
+    todo = list(revisions)
+    while todo:
+        rev = todo.pop()
+        if rev not in seen:
+            seen.add(rev)
+            todo.extend(graph.get(rev, ()))
+    return seen
+
+
+def _newest_known(recorded: dict[str, tuple[str, ...]], mine: dict[str, tuple[str, ...]],
+                  current: tuple[str, ...]) -> str | None:
+    """The first revision of the scripts met walking down from `current` (breadth first, newest first)."""
+    frontier, seen = list(current), set()
+    while frontier:
+        known = [rev for rev in frontier if rev in mine]
+        if known:
+            return known[0]
+        seen.update(frontier)
+        frontier = [down for rev in frontier for down in recorded.get(rev, ()) if down not in seen]
+    return None
