@@ -66,34 +66,37 @@ class Verdict:
 
     proven: bool  # the recorded lineage shows every head of the scripts beneath the database's revisions
     why: str  # one clause saying why (not)
-    # The newest revision of the scripts the database's revisions descend from, per the lineage
-    # (the downgrade target that lets these scripts run); None when nothing is known.
-    meeting_point: str | None
+    # The revision to downgrade to, from the image that has the database's revisions, so that these
+    # scripts can run: the newest of theirs beneath those revisions per the lineage, else (nothing
+    # recorded) their single head as a guess; None when no one command can be named.
+    downgrade_to: str | None
     image: str | None  # the image that recorded the lineage
 
 
 def judge(recorded: Lineage | None, script: ScriptDirectory, current: tuple[str, ...]) -> Verdict:
     """Whether `recorded` proves that the database's `current` revisions descend from the scripts' heads."""
     heads = tuple(script.get_heads())
+    guess = heads[0] if len(heads) == 1 else None
+    mine = of(script, None).graph
+    unknown = tuple(rev for rev in current if rev not in mine)
     if recorded is None:
         return Verdict(False, "no lineage recorded by migration-runner shows where they come from "
                               "(migrated by plain alembic, or by a runner without write access to the comment?)",
-                       None, None)
-    mine = of(script, None).graph
+                       guess, None)
     # Ids both graphs know must name the same revision: same parents, or the ids collide.
     clash = next((rev for rev, down in recorded.graph.items() if rev in mine and set(mine[rev]) != set(down)), None)
     if clash is not None:
         return Verdict(False, f"the recorded lineage gives {clash} other down revisions than these scripts do",
                        None, recorded.image)
-    unrecorded = [rev for rev in current if rev not in mine and rev not in recorded.graph]
+    unrecorded = [rev for rev in unknown if rev not in recorded.graph]
     if unrecorded:
         return Verdict(False, f"the recorded lineage (of head {', '.join(recorded.heads)}) does not contain "
-                              f"{', '.join(unrecorded)}", None, recorded.image)
+                              f"{', '.join(unrecorded)}", guess, recorded.image)
     below = _ancestors({**recorded.graph, **mine}, current)
-    meeting = _newest_known(recorded.graph, mine, current)
+    meeting = _newest_known(recorded.graph, mine, unknown)
     missing = [head for head in heads if head not in below]
     if missing:
-        return Verdict(False, f"per the recorded lineage {', '.join(current)} do not descend from "
+        return Verdict(False, f"per the recorded lineage {', '.join(unknown)} do not descend from "
                               f"{', '.join(missing)} (a branch these scripts never saw)", meeting, recorded.image)
     by = f" (by image {recorded.image})" if recorded.image else ""
     return Verdict(True, f"the lineage recorded by migration-runner{by} shows {', '.join(current)} descending from "
@@ -112,9 +115,9 @@ def _ancestors(graph: dict[str, tuple[str, ...]], revisions: tuple[str, ...]) ->
 
 
 def _newest_known(recorded: dict[str, tuple[str, ...]], mine: dict[str, tuple[str, ...]],
-                  current: tuple[str, ...]) -> str | None:
-    """The first revision of the scripts met walking down from `current` (breadth first, newest first)."""
-    frontier, seen = list(current), set()
+                  unknown: tuple[str, ...]) -> str | None:
+    """The first revision of the scripts met walking down from the `unknown` ones (breadth first)."""
+    frontier, seen = list(unknown), set()
     while frontier:
         known = [rev for rev in frontier if rev in mine]
         if known:

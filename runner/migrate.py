@@ -21,7 +21,7 @@ from typing import Callable
 import tenacity
 from alembic.config import Config
 from alembic.script import ScriptDirectory
-from sqlalchemy import MetaData, String, Table, event, text
+from sqlalchemy import MetaData, Table, event, text
 from sqlalchemy.engine import Engine
 
 from . import database, envpy, lineage, log, revisions
@@ -44,6 +44,7 @@ class Progress:
     inside: bool = False
     raised_inside: bool = False  # the running revision's upgrade() raised (SystemExit included)
     started: float = 0.0  # when the running revision began (time.monotonic)
+    recording: bool = False  # writing the lineage, after the running revision's version change
 
 
 def upgrade(config: Config, script: ScriptDirectory, progress: Progress,
@@ -111,7 +112,8 @@ def _run(config: Config, script: ScriptDirectory, progress: Progress, plan, reco
         planned = plan(state, tuple(current), context, first_attempt)
         if planned and record is not None:
             # Called by alembic after each step's version table change, inside the same transaction.
-            context.on_version_apply_callbacks = (*context.on_version_apply_callbacks, _recorder(record, state))
+            context.on_version_apply_callbacks = (*context.on_version_apply_callbacks,
+                                                  _recorder(record, state, progress))
         return planned
 
     envpy.run(config, script, steps, dont_mutate=True, **options)
@@ -125,15 +127,18 @@ _OWNER_AND_COMMENT = text("""
 """)
 
 
-def _recorder(record: lineage.Lineage, state: revisions.State):
+def _recorder(record: lineage.Lineage, state: revisions.State, progress: Progress):
     """An on_version_apply callback writing `record` as the version table's comment, when it changed."""
     comment = lineage.encode(record)
     warned = []
 
     def record_lineage(ctx, **_) -> None:
+        progress.recording = True  # a failure from here on is the lineage's, not the revision's
         connection = ctx.connection
-        owner, current = connection.execute(_OWNER_AND_COMMENT, {"table": state.table, "schema": state.schema}).one()
+        found = connection.execute(_OWNER_AND_COMMENT, {"table": state.table, "schema": state.schema}).first()
+        owner, current = found if found else (False, None)
         if current == comment:
+            progress.recording = False
             return
         if not owner or not lineage.is_ours(current):
             if not warned:
@@ -142,20 +147,30 @@ def _recorder(record: lineage.Lineage, state: revisions.State):
                 logger.warning("not recording the lineage on %s.%s (%s): an older image will treat this "
                                "database as unknown and exit 8 unless MIGRATE_ALLOW_AHEAD=always",
                                state.schema, state.table, why)
+            progress.recording = False
             return
         table = connection.dialect.identifier_preparer.format_table(Table(state.table, MetaData(), schema=state.schema))
-        literal = String().literal_processor(connection.dialect)(comment)
-        # A utility statement takes no bind parameters; no_parameters keeps a '%' from the driver's formatting.
-        connection.exec_driver_sql(f"COMMENT ON TABLE {table} IS {literal}", execution_options={"no_parameters": True})
+        # Dollar-quoted: taken as it is whatever standard_conforming_strings says; a utility statement takes no
+        # bind parameters, and no_parameters keeps every driver from reading its '%' as a placeholder.
+        connection.exec_driver_sql(f"COMMENT ON TABLE {table} IS {_dollar_quoted(comment)}",
+                                   execution_options={"no_parameters": True})
+        progress.recording = False
 
     return record_lineage
+
+
+def _dollar_quoted(value: str) -> str:
+    tag = "lineage"
+    while f"${tag}$" in value:
+        tag += "_"
+    return f"${tag}${value}${tag}$"
 
 
 def _timed(migration_fn, revision, progress: Progress, verb: str):
     # alembic logs "Running upgrade ..." from the function's name: keep it.
     @functools.wraps(migration_fn)
     def timed(**kwargs):
-        progress.running = revision
+        progress.running, progress.recording = revision, False
         progress.committed_inside = 0
         started = progress.started = time.monotonic()
         progress.inside = True
@@ -181,6 +196,7 @@ def retrying(run: Callable[[], None], progress: Progress, watchdog: Watchdog, *,
     def attempt() -> None:
         watchdog.blockers = []
         progress.running, progress.raised_inside, progress.committed_inside = None, False, 0
+        progress.recording = False
         run()
 
     def count_commit(connection) -> None:
@@ -220,6 +236,8 @@ def explain_failure(error: BaseException, progress: Progress, read_back: Callabl
     """The RunnerError for an exception raised while upgrading, with where the database is now."""
     revision = progress.running
     where = f"revision {revision.revision} ({revisions.title(revision.doc)})" if revision else "env.py, before any revision ran"
+    if progress.recording:
+        where = f"recording the lineage on the version table after {where}"
 
     def at() -> str:
         try:
@@ -238,7 +256,7 @@ def explain_failure(error: BaseException, progress: Progress, read_back: Callabl
     if isinstance(error, envpy.EarlyExit):
         if progress.raised_inside:
             return RevisionFailed(f"{where} called {error}: its transaction was rolled back; the database is at {at()}")
-        return ConfigError(f"env.py exited ({error}) before reaching the heads; the database is at {at()}")
+        return ConfigError(f"env.py exited ({error}) before it finished; the database is at {at()}")
     code = database.sqlstate(error)
     if revision is None and not code:
         # env.py's own code, or a connection parameter its engine passes: nothing a retry changes.

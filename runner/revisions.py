@@ -384,12 +384,13 @@ def ahead(state: State, script: ScriptDirectory, allow: str) -> lineage.Verdict:
     if allow == "always" or (allow == "descendants" and verdict.proven):
         return verdict
     heads = ", ".join(script.get_heads())
-    target = verdict.meeting_point or heads
     image = f"image {verdict.image}" if verdict.image else f"the newer image (whose scripts contain {', '.join(state.unknown)})"
+    command = (f"`migration-runner downgrade {verdict.downgrade_to}`" if verdict.downgrade_to
+               else "`migration-runner downgrade <a revision of these scripts>`")
     why = verdict.why if allow == "descendants" else "MIGRATE_ALLOW_AHEAD=never"
     raise DatabaseAhead(
-        f"the database is at {', '.join(state.current)}, which these scripts (head {heads}) do not know; {why}. "
-        f"To run this image, first bring the schema back with `migration-runner downgrade {target}` run from "
+        f"the database is at {', '.join(state.current)}, and these scripts (head {heads}) do not know "
+        f"{', '.join(state.unknown)}; {why}. To run this image, first bring the schema back with {command} run from "
         f"{image}; or deploy that image again"
         f"{'; MIGRATE_ALLOW_AHEAD=always accepts it unproven' if allow == 'descendants' else ''}")
 

@@ -745,16 +745,24 @@ def test_rendered_job_migrates_inside_the_image(runner_image, database_url, tmp_
 
 
 def test_the_documented_downgrade_job_renders_as_ordinary_resources_with_its_own_name():
-    """README "Rollbacks": the newer release's values, mode job, args downgrade <revision>."""
+    """Chart README "Rollbacks": the newer release's values, mode job, a fullnameOverride, args downgrade."""
     newer = {"image": {"repository": "registry.example/app", "tag": "2.0"}}
-    release_job = only(render(newer), "Job")
-    docs = render(deep_merge(newer, {"mode": "job", "args": ["downgrade", "0004"]}))
+    release = {(d["kind"], d["metadata"]["name"]) for d in render(newer)}
+    for mode in ("hook", "job"):
+        release |= {(d["kind"], d["metadata"]["name"]) for d in render(deep_merge(newer, {"mode": mode}))}
+    docs = render(deep_merge(newer, {"mode": "job", "fullnameOverride": "shop-downgrade",
+                                     "args": ["downgrade", "0004"]}))
     for doc in docs:
         kubernetes_validate.validate(doc, KUBE_VERSION, strict=True)
         assert not any(key.startswith(("helm.sh/hook", "argocd.argoproj.io")) for key in annotations(doc)), doc
+        assert (doc["kind"], doc["metadata"]["name"]) not in release  # deleting it leaves the release alone
     job = only(docs, "Job")
     assert container(docs)["args"] == ["downgrade", "0004"]
     assert env_of(container(docs))["MIGRATE_IMAGE"] == "registry.example/app:2.0"
-    assert job["metadata"]["name"] != release_job["metadata"]["name"]
     assert job["spec"]["podFailurePolicy"]
     assert {"Secret", "ServiceAccount"} <= set(kinds(docs))
+
+
+def test_the_image_is_recorded_only_when_it_holds_the_migrations():
+    assert "MIGRATE_IMAGE" in env_of(container(render()))
+    assert "MIGRATE_IMAGE" not in env_of(container(render(COMBINATIONS["volume"])))

@@ -50,13 +50,14 @@ def test_only_an_empty_comment_or_the_runners_own_may_be_overwritten(v2):
 def test_a_newer_lineage_proves_the_database_descends_from_the_older_heads(v1, v2):
     verdict = lineage.judge(lineage.of(v2, "app:2"), v1, ("r0006",))
     assert verdict.proven, verdict
-    assert verdict.meeting_point == "r0004" and verdict.image == "app:2"
+    assert verdict.downgrade_to == "r0004" and verdict.image == "app:2"
     assert "r0006" in verdict.why and "r0004" in verdict.why
 
 
 def test_no_lineage_proves_nothing(v1):
     verdict = lineage.judge(None, v1, ("r0006",))
-    assert not verdict.proven and verdict.meeting_point is None and "plain alembic" in verdict.why
+    assert not verdict.proven and "plain alembic" in verdict.why
+    assert verdict.downgrade_to == "r0004"  # a guess: the newer image most likely has the older head
 
 
 def test_a_branch_the_scripts_never_saw_is_not_ahead(tmp_path, v2):
@@ -64,7 +65,7 @@ def test_a_branch_the_scripts_never_saw_is_not_ahead(tmp_path, v2):
     v3 = scripts(tmp_path / "v3", chain(3) + [Rev("x0004", "r0003"), Rev("x0005", "x0004")])
     verdict = lineage.judge(lineage.of(v3, None), v2, ("x0005",))
     assert not verdict.proven
-    assert verdict.meeting_point == "r0003"  # where v2 can take over after a downgrade
+    assert verdict.downgrade_to == "r0003"  # where v2 can take over after a downgrade
     assert "r0006" in verdict.why and "never saw" in verdict.why
 
 
@@ -80,6 +81,7 @@ def test_ids_that_name_other_revisions_prove_nothing(tmp_path, v1):
                                          Rev("r0005", "r0004")])
     verdict = lineage.judge(lineage.of(other, None), v1, ("r0005",))
     assert not verdict.proven and "r0003" in verdict.why
+    assert verdict.downgrade_to is None  # "r0004" would name another revision in that image
 
 
 def test_merges_and_several_heads(tmp_path):
@@ -91,3 +93,17 @@ def test_merges_and_several_heads(tmp_path):
     partial = scripts(tmp_path / "partial", base + [Rev("c", "b1")])
     verdict = lineage.judge(lineage.of(partial, None), older, ("c",))
     assert not verdict.proven and "b2" in verdict.why
+
+
+def test_the_downgrade_target_starts_from_the_unknown_revisions_not_a_known_head(tmp_path):
+    # The database is at (c, h2): h2 is this image's, c descends from h1, which this image never saw.
+    known = scripts(tmp_path / "known", [Rev("a", None), Rev("h2", "a"), Rev("b", "a")])
+    newer = scripts(tmp_path / "newer", [Rev("a", None), Rev("h2", "a"), Rev("h1", "a"), Rev("c", "h1")])
+    verdict = lineage.judge(lineage.of(newer, None), known, ("c", "h2"))
+    assert not verdict.proven and "b" in verdict.why
+    assert verdict.downgrade_to == "a"  # not h2, which is not below the database
+
+
+def test_several_heads_and_no_lineage_name_no_single_command(tmp_path):
+    older = scripts(tmp_path / "older", [Rev("a", None), Rev("b1", "a"), Rev("b2", "a")])
+    assert lineage.judge(None, older, ("z",)).downgrade_to is None

@@ -177,9 +177,12 @@ argocd.argoproj.io/hook-delete-policy: {{ .Values.argocd.deletePolicy | quote }}
 {{- $v := .Values -}}
 - name: DATABASE_URL_FILE
   value: {{ printf "%s/url" (trimSuffix "/" $v.database.mountPath) | quote }}
-{{- /* Recorded with the lineage: an older image refused on this database names the image to downgrade with. */}}
+{{- if eq $v.migrations.source "image" }}
+{{- /* Recorded with the lineage: an older image refused on this database names the image to downgrade with
+(only when the image holds the migrations; otherwise it would name an image without them). */}}
 - name: MIGRATE_IMAGE
   value: {{ include "migration-runner.image" . | quote }}
+{{- end }}
 {{- if $v.migrations.alembicConfig }}
 - name: ALEMBIC_CONFIG
   value: {{ $v.migrations.alembicConfig | quote }}
