@@ -11,12 +11,12 @@ import signal
 import sys
 from pathlib import Path
 
-from . import guard, log, stack_versions
+from . import guard, log, sidecars, stack_versions
 from .commands import COMMANDS
 from .envpy import EarlyExit
 from .errors import EXIT_BUG, ConfigError, Interrupted, RunnerError, markdown_table
 from .report import Report, emit
-from .settings import Settings, variables
+from .settings import Settings, quit_urls_from_env, variables
 
 logger = logging.getLogger("runner")
 
@@ -122,6 +122,9 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:
         logger.exception("unexpected error")
         report.outcome, report.message, code = "bug", f"unexpected error: {type(e).__name__}: {e}", EXIT_BUG
+    # The outcome is known and the lock released: the sidecars can go. Before the summary, which
+    # stays the last line; also after invalid settings, or the pod would never complete.
+    sidecars.stop(settings.quit_url_list() if settings else quit_urls_from_env())
     # Invalid settings still deserve a termination message where one was asked for.
     termination_log = settings.termination_log if settings else os.environ.get("MIGRATE_TERMINATION_LOG")
     emit(report, code, Path(termination_log) if termination_log else None)

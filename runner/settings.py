@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -103,6 +105,22 @@ class Settings(BaseSettings):
         description="text or json; default text on a terminal, json otherwise.")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
         "INFO", alias="MIGRATE_LOG_LEVEL", description="DEBUG, INFO, WARNING or ERROR.")
+    quit_urls: str | None = Field(
+        None, alias="MIGRATE_QUIT_URLS",
+        description="http(s) URLs, whitespace- or comma-separated, POSTed once each as the runner exits, whatever "
+                    "its exit code, so that sidecars stop and a Job's pod completes (Istio "
+                    "`http://127.0.0.1:15020/quitquitquit`, Cloud SQL Auth Proxy with --quitquitquit "
+                    "`http://127.0.0.1:9091/quitquitquit`).")
+
+    @field_validator("quit_urls")
+    @classmethod
+    def _http_urls(cls, value):
+        if value is not None:
+            for number, url in enumerate(split_quit_urls(value), 1):
+                # Never echoed: the URL may carry a password.
+                if not is_quit_url(url):
+                    raise ValueError(f"URL {number} is not an http:// or https:// URL with a host and a valid port")
+        return value
 
     @field_validator("log_level", "log_format", "allow_ahead", mode="before")
     @classmethod
@@ -130,6 +148,10 @@ class Settings(BaseSettings):
     def x_arguments(self) -> list[str]:
         """ALEMBIC_X_ARGS as the list alembic's `-x` options make."""
         return (self.alembic_x_args or "").split()
+
+    def quit_url_list(self) -> list[str]:
+        """MIGRATE_QUIT_URLS as a list."""
+        return split_quit_urls(self.quit_urls or "")
 
     @classmethod
     def from_env(cls) -> "Settings":
@@ -178,12 +200,36 @@ def _refuse_unencoded(raw: str, name: str) -> None:
         raise ConfigError(f"{name}: the user info holds a '%' that is not a percent-escape; {_ENCODE}")
 
 
+def split_quit_urls(raw: str) -> list[str]:
+    return raw.replace(",", " ").split()
+
+
+def is_quit_url(url: str) -> bool:
+    """An http(s) URL with a host, and a port if any that a socket can use."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port  # a ValueError when it is not a number below 65536
+    except ValueError:
+        return False
+    return parts.scheme.lower() in ("http", "https") and bool(parts.hostname) and port != 0
+
+
+def quit_urls_from_env() -> list[str]:
+    """The valid URLs of MIGRATE_QUIT_URLS, read on their own: when another variable is
+    invalid the settings are never built, and the sidecars must be told to quit all the same."""
+    return [url for url in split_quit_urls(os.environ.get("MIGRATE_QUIT_URLS", "")) if is_quit_url(url)]
+
+
+# Variables whose value may hold a password: an error about them never shows it.
+_UNECHOED = ("DATABASE_URL", "DATABASE_URL_FILE", "MIGRATE_QUIT_URLS")
+
+
 def _describe(err: dict) -> str:
     variable = ".".join(str(part) for part in err["loc"])
     message = err["msg"].removeprefix("Value error, ")
     if not variable:
         return message
-    shown = "" if variable.startswith("DATABASE_URL") else f" (got {str(err.get('input'))[:40]!r})"
+    shown = "" if variable.split(".")[0] in _UNECHOED else f" (got {str(err.get('input'))[:40]!r})"
     return f"{variable}: {message}{shown}"
 
 

@@ -1,7 +1,7 @@
 """The Helm chart, rendered by Helm's own engine (helm-python-sdk, the Helm v4 Go SDK).
 
 No cluster runs here: each rendered manifest is validated against the OpenAPI
-schemas of a current Kubernetes release (kubernetes-validate), the behaviour
+schemas of the Kubernetes releases the chart supports (kubernetes-validate), the behaviour
 that matters is asserted on the rendered objects, and the rendered Job's
 container is executed with the installed console script against the suite's
 PostgreSQL.
@@ -31,6 +31,11 @@ EXAMPLE = ROOT / "examples" / "basic"
 EXIT_CODES_FILE = CHART / "files" / "exit-codes.json"
 # The newest Kubernetes release whose schemas kubernetes-validate ships.
 KUBE_VERSION = kubernetes_validate.latest_version()
+# Every rendered object is validated (strict) against each of these: native sidecars are on by default from 1.29.
+KUBE_VERSIONS = sorted({"1.29.0", "1.31.0", "1.33.0", "1.35.0", KUBE_VERSION},
+                       key=lambda v: tuple(int(p) for p in v.split(".")))
+# What Kubernetes requires of the names of Jobs, Pods, Services... and of label values: an RFC 1123 label.
+RFC1123_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
 URL = "postgresql://app:s3cret@db.example.internal:5432/app"
 BASE = {"database": {"url": URL}}
 CONTAINER = "migration-runner"
@@ -46,17 +51,29 @@ def deep_merge(base: dict, extra: dict) -> dict:
     return out
 
 
-def render(values: dict | None = None, chart: Path = CHART, name: str = "shop", namespace: str = "prod") -> list[dict]:
-    """Every object the chart renders with these values (on top of BASE for our chart)."""
+def render(values: dict | None = None, chart: Path = CHART, name: str = "shop", namespace: str = "prod",
+           tests: bool = False) -> list[dict]:
+    """Every object the chart renders with these values (on top of BASE for our chart); the
+    `helm test` pods only with tests=True (as `helm template --skip-tests` otherwise)."""
     if chart == CHART:
         values = deep_merge(BASE, values or {})
     with helm.Chart.load(chart) as loaded:
         rendered = loaded.render(values or {}, name=name, namespace=namespace)
     docs = []
     for path, text in sorted(rendered.items()):
-        if path.endswith(".yaml"):
+        if path.endswith(".yaml") and (tests or "/templates/tests/" not in path):
             docs += [doc for doc in yaml.safe_load_all(text) if doc]
     return docs
+
+
+def validate(doc: dict) -> None:
+    """Strictly valid on every Kubernetes release the chart supports, under an RFC 1123 name."""
+    for version in KUBE_VERSIONS:
+        try:
+            kubernetes_validate.validate(doc, version, strict=True)
+        except kubernetes_validate.ValidationError as e:
+            raise AssertionError(f"{doc['kind']}/{doc['metadata']['name']} on Kubernetes {version}: {e}") from None
+    assert RFC1123_LABEL.fullmatch(doc["metadata"]["name"]), doc["metadata"]["name"]
 
 
 def notes(values: dict | None = None) -> str:
@@ -80,8 +97,17 @@ def pod_spec(docs: list[dict]) -> dict:
 
 
 def container(docs: list[dict]) -> dict:
-    (c,) = pod_spec(docs)["containers"]
+    (c,) = [c for c in pod_spec(docs)["containers"] if c["name"] == CONTAINER]
     return c
+
+
+def mounted(docs: list[dict], kind: str, pod: dict | None = None) -> dict:
+    """The Secret or ConfigMap of this kind that the pod (the Job's by default) mounts."""
+    pod = pod or pod_spec(docs)
+    field, key = {"Secret": ("secret", "secretName"), "ConfigMap": ("configMap", "name")}[kind]
+    (name,) = [v[field][key] for v in pod["volumes"] if field in v]
+    (found,) = [d for d in docs if d["kind"] == kind and d["metadata"]["name"] == name]
+    return found
 
 
 def env_of(c: dict) -> dict[str, str]:
@@ -127,7 +153,7 @@ COMBINATIONS = {
                               "ddlLockRetries": 3, "terminationLog": "/tmp/summary.json",
                               "logFormat": "text", "logLevel": "DEBUG", "progressInterval": 30,
                               "alembicSection": "app", "alembicXArgs": "tenant=acme region=eu",
-                              "allowAhead": "never"}},
+                              "allowAhead": "never", "quitUrls": ["http://127.0.0.1:15020/quitquitquit"]}},
     "scheduling": {"nodeSelector": {"kubernetes.io/os": "linux"},
                    "tolerations": [{"key": "dedicated", "operator": "Equal", "value": "batch", "effect": "NoSchedule"}],
                    "affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {
@@ -145,6 +171,30 @@ COMBINATIONS = {
                   "resources": {}},
     "job-disabled": {"job": {"enabled": False}},
     "overrides": {"fullnameOverride": "db-migrate", "command": ["/opt/venv/bin/migration-runner"], "args": []},
+    "odd-names": {"fullnameOverride": "Shop_DB.Migrate-", "mode": "job", "job": {"nameSuffixOverride": "v1-2"}},
+    "camel-name": {"nameOverride": "dbMigrations", "migrations": {"source": "configMap", "files": {"alembic.ini": ""}}},
+    "extensions": {
+        "commonLabels": {"team": "db"}, "commonAnnotations": {"example.com/owner": "db"},
+        "image": {"registry": "registry.example.com", "repository": "shop/migrations", "tag": "1.4.0"},
+        "global": {"imagePullSecrets": ["global-regcred", {"name": "regcred"}]},
+        "imagePullSecrets": [{"name": "regcred"}],
+        "automountServiceAccountToken": True, "terminationGracePeriodSeconds": 120,
+        "topologySpreadConstraints": [{"maxSkew": 1, "topologyKey": "topology.kubernetes.io/zone",
+                                       "whenUnsatisfiable": "ScheduleAnyway",
+                                       "labelSelector": {"matchLabels": {"app.kubernetes.io/instance": "{{ .Release.Name }}"}}}],
+        "extraVolumes": [{"name": "pg-ca", "secret": {"secretName": "pg-ca"}}],
+        "extraVolumeMounts": [{"name": "pg-ca", "mountPath": "/etc/pg-ca", "readOnly": True}],
+        "extraEnvFrom": [{"configMapRef": {"name": "pg-settings"}}],
+        "initContainers": [{"name": "cloud-sql-proxy", "restartPolicy": "Always",
+                            "image": "gcr.io/cloud-sql-connectors/cloud-sql-proxy:2.14.0",
+                            "args": ["--port=5432", "project:region:instance"]}],
+        "networkPolicy": {"enabled": True, "extraEgress": [{"ports": [{"port": 443, "protocol": "TCP"}]}]},
+    },
+    "sidecars": {"sidecars": [{"name": "istio-proxy", "image": "istio/proxyv2:1.24.0"}],
+                 "config": {"quitUrls": "http://127.0.0.1:15020/quitquitquit"}, "mode": "job",
+                 "networkPolicy": {"enabled": True, "databasePort": 6432,
+                                   "databasePeers": [{"ipBlock": {"cidr": "10.0.0.0/8"}}]}},
+    "openshift": {"global": {"compatibility": {"openshift": {"adaptSecurityContext": "force"}}}},
 }
 
 
@@ -156,9 +206,13 @@ def lint_problems(path: Path, values: dict | None = None, **options) -> list:
 
 def test_lint_is_clean():
     assert lint_problems(CHART) == []
-    for name in ("hook-url", "job-configMap", "argocd-existingSecret", "scheduling"):
+    for name in ("hook-url", "job-configMap", "argocd-existingSecret", "scheduling", "extensions", "sidecars",
+                 "openshift", "odd-names"):
         assert lint_problems(CHART, deep_merge(BASE, COMBINATIONS[name])) == [], name
     assert lint_problems(PARENT, with_subcharts=True) == []
+    # The oldest Kubernetes the chart claims (kubeVersion) and the newest.
+    for version in ("v1.26.0", "v" + KUBE_VERSION):
+        assert lint_problems(CHART, BASE, kube_version=version) == [], version
 
 
 def test_kubernetes_version_is_current():
@@ -169,11 +223,13 @@ def test_kubernetes_version_is_current():
 
 @pytest.mark.parametrize("name", sorted(COMBINATIONS))
 def test_every_rendered_manifest_validates(name):
-    docs = render(COMBINATIONS[name])
+    """Every object, the helm test pod included, on every supported Kubernetes, under an RFC 1123 name."""
+    docs = render(COMBINATIONS[name], tests=True)
     assert docs
     for doc in docs:
-        kubernetes_validate.validate(doc, KUBE_VERSION, strict=True)
-        assert doc["metadata"]["labels"]["app.kubernetes.io/name"] in ("migration-runner", "app")
+        validate(doc)
+        assert doc["metadata"]["labels"]["app.kubernetes.io/name"] in ("migration-runner", "app", "db-migrations")
+        assert RFC1123_LABEL.fullmatch(doc["metadata"]["labels"]["app.kubernetes.io/name"])
     if COMBINATIONS[name].get("job", {}).get("enabled", True):
         assert "Job" in kinds(docs)
 
@@ -189,15 +245,15 @@ def test_validation_catches_a_broken_manifest():
 # -- modes ----------------------------------------------------------------------
 def test_hook_mode_runs_the_job_as_a_pre_install_pre_upgrade_hook_after_its_secret():
     docs = render({"hook": {"weight": 5}})
-    assert kinds(docs) == ["Job", "Secret", "ServiceAccount"]
+    # Two Secrets: the Job's own hook copy, and the ordinary one for the application's pods.
+    assert kinds(docs) == ["Job", "Secret", "Secret", "ServiceAccount"]
     job = only(docs, "Job")
     assert annotations(job) == {"helm.sh/hook": "pre-install,pre-upgrade", "helm.sh/hook-weight": "5",
                                 "helm.sh/hook-delete-policy": "before-hook-creation,hook-succeeded"}
     assert job["metadata"]["name"] == "shop-migration-runner"
     assert "ttlSecondsAfterFinished" not in job["spec"]
     # A pre-install hook runs before ordinary resources exist: what the Job needs is a hook with a lower weight.
-    for kind in ("Secret", "ServiceAccount"):
-        needed = annotations(only(docs, kind))
+    for needed in (annotations(mounted(docs, "Secret")), annotations(only(docs, "ServiceAccount"))):
         assert needed["helm.sh/hook"] == "pre-install,pre-upgrade"
         assert int(needed["helm.sh/hook-weight"]) < int(annotations(job)["helm.sh/hook-weight"])
         # Deleted only with the Job: a failed Job keeps the Secret it needs to be retried and debugged.
@@ -206,14 +262,14 @@ def test_hook_mode_runs_the_job_as_a_pre_install_pre_upgrade_hook_after_its_secr
 
 def test_hook_mode_configmap_is_a_hook_before_the_job():
     docs = render(COMBINATIONS["hook-configMap"])
-    config_map = only(docs, "ConfigMap")
+    config_map = mounted(docs, "ConfigMap")
     assert annotations(config_map)["helm.sh/hook"] == "pre-install,pre-upgrade"
     assert int(annotations(config_map)["helm.sh/hook-weight"]) < int(annotations(only(docs, "Job"))["helm.sh/hook-weight"])
 
 
 def test_argocd_mode_is_a_presync_hook_in_a_later_wave_than_its_secret():
     docs = render({"mode": "argocd", "argocd": {"syncWave": 3}})
-    job, secret, account = only(docs, "Job"), only(docs, "Secret"), only(docs, "ServiceAccount")
+    job, secret, account = only(docs, "Job"), mounted(docs, "Secret"), only(docs, "ServiceAccount")
     assert annotations(job) == {"argocd.argoproj.io/hook": "PreSync", "argocd.argoproj.io/sync-wave": "3",
                                 "argocd.argoproj.io/hook-delete-policy": "BeforeHookCreation"}
     for needed in (secret, account):
@@ -250,7 +306,8 @@ def test_job_name_hash_follows_the_image_and_settings():
     assert len(set(changed.values())) == len(changed), changed
     # Names stay valid (63 characters, for the job-name label) even with a long release name.
     long = only(render({"mode": "job", "fullnameOverride": "x" * 70}), "Job")["metadata"]["name"]
-    assert len(long) <= 63 and re.fullmatch(r"x+-[0-9a-f]{8}", long), long
+    # (the cut full name ends with a hash of the whole one, then the Job's own hash)
+    assert len(long) <= 63 and re.fullmatch(r"x+-[0-9a-f]{8}-[0-9a-f]{8}", long), long
 
 
 # -- the URL as a mounted Secret -----------------------------------------------------
@@ -267,7 +324,7 @@ def test_url_reaches_the_runner_as_a_file_from_the_rendered_secret():
     c = container(docs)
     assert "DATABASE_URL" not in env_of(c)
     assert URL not in json.dumps(only(docs, "Job"))
-    secret = only(docs, "Secret")
+    secret = mounted(docs, "Secret")
     assert base64.b64decode(secret["data"]["url"]).decode() == URL
     volume, where = secret_volume(docs)
     assert volume["secretName"] == secret["metadata"]["name"]
@@ -322,7 +379,7 @@ def test_job_spec_and_restricted_security_context():
     labels = job["metadata"]["labels"]
     assert labels["app.kubernetes.io/instance"] == "shop"
     assert labels["app.kubernetes.io/managed-by"] == "Helm"
-    assert labels["helm.sh/chart"] == "migration-runner-0.1.0"
+    assert labels["helm.sh/chart"] == "migration-runner-0.2.0"
 
 
 def test_istio_sidecar_is_kept_out_by_default():
@@ -374,7 +431,8 @@ def test_pod_failure_policy_fails_at_once_on_codes_a_retry_cannot_fix():
         assert by_name[name] in on["values"], name
     for name in ("DatabaseUnreachable", "LockTimeout"):
         assert by_name[name] not in on["values"], name
-    assert {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]} in rules
+    # status is required by the schemas of Kubernetes 1.26 to 1.34 (kubeconform and other CI checks).
+    assert {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]} in rules
 
 
 def test_pod_failure_policy_is_read_from_the_file(tmp_path):
@@ -493,8 +551,8 @@ def test_defaults_alone_ask_for_a_database():
 def test_parent_chart_runs_the_runner_as_an_init_container():
     docs = render(chart=PARENT)
     assert kinds(docs) == ["Deployment"]  # the subchart's Job is off, the Secret exists already
-    for doc in docs:
-        kubernetes_validate.validate(doc, KUBE_VERSION, strict=True)
+    for doc in render(chart=PARENT, tests=True):
+        validate(doc)
     pod = only(docs, "Deployment")["spec"]["template"]["spec"]
     (init,) = pod["initContainers"]
     assert init["name"] == CONTAINER and init["image"] == "example/app-migrations:1.0.0"
@@ -512,8 +570,8 @@ def test_parent_chart_runs_the_runner_as_an_init_container():
 def test_parent_chart_with_the_hook_job_waits_for_the_heads_in_its_pods():
     docs = render({"migrationRunner": {"job": {"enabled": True}}}, chart=PARENT)
     assert sorted(kinds(docs)) == ["Deployment", "Job", "ServiceAccount"]
-    for doc in docs:
-        kubernetes_validate.validate(doc, KUBE_VERSION, strict=True)
+    for doc in render({"migrationRunner": {"job": {"enabled": True}}}, chart=PARENT, tests=True):
+        validate(doc)
     job = only(docs, "Job")
     assert "pre-install" in job["metadata"]["annotations"]["helm.sh/hook"]
     (init,) = only(docs, "Deployment")["spec"]["template"]["spec"]["initContainers"]
@@ -541,9 +599,9 @@ spec:
   volumes:
     {{- include "migration-runner.volumes" (dict "chart" (index .Subcharts "migrationRunner")) | nindent 4 }}
 """)
-    docs = render({"migrationRunner": {"config": {"waitTimeout": 5}}}, chart=parent)
-    pod = only(docs, "Pod")
-    kubernetes_validate.validate(pod, KUBE_VERSION, strict=True)
+    docs = render({"migrationRunner": {"config": {"waitTimeout": 5}}}, chart=parent, tests=True)
+    (pod,) = [d for d in docs if d["kind"] == "Pod" and d["metadata"]["name"] == "shop-wait"]
+    validate(pod)
     (init,) = pod["spec"]["initContainers"]
     assert init["name"] == "wait-for-heads"
     assert init["command"] == ["/opt/venv/bin/migration-runner"] and init["args"] == ["wait"]
@@ -625,7 +683,7 @@ def test_rendered_job_migrates_the_database_to_heads(database_url, tmp_path, mod
         values["migrations"] = {"source": "configMap", "files": example_files()}
     docs = render(values)
     for doc in docs:
-        kubernetes_validate.validate(doc, KUBE_VERSION, strict=True)
+        validate(doc)
     # The image's migrations (WORKDIR /app) are the example project.
     result, env = run_rendered_job(docs, tmp_path / "root", {dockerfile_facts()["workdir"]: EXAMPLE})
     assert result.returncode == 0, result
@@ -744,25 +802,573 @@ def test_rendered_job_migrates_inside_the_image(runner_image, database_url, tmp_
     assert pod["securityContext"]["runAsNonRoot"] is True
 
 
-def test_the_documented_downgrade_job_renders_as_ordinary_resources_with_its_own_name():
+def downgrade_options() -> dict:
+    """The --set options of the chart README's downgrade recipe, read from it."""
+    readme = (CHART / "README.md").read_text()
+    recipe = re.search(r"helm template shop .*?> downgrade\.yaml", readme.split("## Rollbacks", 1)[1], re.S).group(0)
+    values = {}
+    for option in re.findall(r"--set '?([^ ']+)'?", recipe):
+        key, value = option.split("=", 1)
+        if value.startswith("{"):
+            value = value.strip("{}").split(",")
+        elif value in ("true", "false"):
+            value = value == "true"
+        node = values
+        *parents, leaf = key.split(".")
+        for parent in parents:
+            node = node.setdefault(parent, {})
+        node[leaf] = value
+    return values
+
+
+@pytest.mark.parametrize("service_account", [{}, {"name": "migrator"}, {"create": False, "name": "migrator"}])
+def test_the_documented_downgrade_job_renders_as_ordinary_resources_with_its_own_name(service_account):
     """Chart README "Rollbacks": the newer release's values, mode job, a fullnameOverride, args downgrade."""
-    newer = {"image": {"repository": "registry.example/app", "tag": "2.0"}}
-    release = {(d["kind"], d["metadata"]["name"]) for d in render(newer)}
-    for mode in ("hook", "job"):
-        release |= {(d["kind"], d["metadata"]["name"]) for d in render(deep_merge(newer, {"mode": mode}))}
-    docs = render(deep_merge(newer, {"mode": "job", "fullnameOverride": "shop-downgrade",
-                                     "args": ["downgrade", "0004"]}))
+    newer = {"image": {"repository": "registry.example/app", "tag": "2.0"}, "serviceAccount": service_account}
+    release = set()
+    for mode in ("hook", "argocd", "job"):
+        release |= {(d["kind"], d["metadata"]["name"]) for d in render(deep_merge(newer, {"mode": mode}), tests=True)}
+    options = downgrade_options()
+    assert options["mode"] == "job" and options["fullnameOverride"] == "shop-downgrade"
+    assert options["args"] == ["downgrade", "0004"]
+    docs = render(deep_merge(newer, options))
     for doc in docs:
-        kubernetes_validate.validate(doc, KUBE_VERSION, strict=True)
+        validate(doc)
         assert not any(key.startswith(("helm.sh/hook", "argocd.argoproj.io")) for key in annotations(doc)), doc
-        assert (doc["kind"], doc["metadata"]["name"]) not in release  # deleting it leaves the release alone
+        # kubectl delete -f downgrade.yaml deletes each of these: none may be the release's.
+        assert (doc["kind"], doc["metadata"]["name"]) not in release, doc["metadata"]
     job = only(docs, "Job")
     assert container(docs)["args"] == ["downgrade", "0004"]
     assert env_of(container(docs))["MIGRATE_IMAGE"] == "registry.example/app:2.0"
     assert job["spec"]["podFailurePolicy"]
-    assert {"Secret", "ServiceAccount"} <= set(kinds(docs))
+    assert kinds(docs) == ["Job", "Secret"]
+    assert pod_spec(docs)["serviceAccountName"] == service_account.get("name", "default")
 
 
 def test_the_image_is_recorded_only_when_it_holds_the_migrations():
     assert "MIGRATE_IMAGE" in env_of(container(render()))
     assert "MIGRATE_IMAGE" not in env_of(container(render(COMBINATIONS["volume"])))
+
+
+# -- names, hashes and the Secret the application's pods mount (issue #13) ------------------------------
+def parent_with_alias(tmp_path: Path, alias: str) -> Path:
+    """The example parent chart with another dependency alias."""
+    parent = tmp_path / "parent"
+    shutil.copytree(PARENT, parent, symlinks=False)
+    for path in [parent / "Chart.yaml", parent / "values.yaml", *(parent / "templates").glob("*.yaml")]:
+        path.write_text(path.read_text().replace("migrationRunner", alias))
+    return parent
+
+
+@pytest.mark.parametrize("alias", ["migrationRunner", "DB_migrationRunner"])
+@pytest.mark.parametrize("mode", ["hook", "argocd", "job"])
+def test_every_name_is_rfc_1123_under_an_alias(tmp_path, alias, mode):
+    """Helm makes .Chart.Name the alias: camelCase must not reach a resource name."""
+    parent = parent_with_alias(tmp_path, alias)
+    values = {alias: {"mode": mode, "job": {"enabled": True}, "networkPolicy": {"enabled": True},
+                      "database": {"existingSecret": "", "url": URL},
+                      "migrations": {"source": "configMap", "files": {"alembic.ini": "[alembic]\n"}}}}
+    docs = render(values, chart=parent, tests=True)
+    assert "Job" in kinds(docs)
+    for doc in docs:
+        validate(doc)
+        assert not re.search("[A-Z_]", doc["metadata"]["name"]), doc["metadata"]["name"]
+    assert only(docs, "Job")["metadata"]["name"].startswith("shop-")
+
+
+def test_parent_chart_validates_with_its_condition_on_and_off():
+    for enabled in (True, False):
+        docs = render({"migrationRunner": {"enabled": enabled}}, chart=PARENT, tests=True)
+        for doc in docs:
+            validate(doc)
+        assert ("initContainers" in only(docs, "Deployment")["spec"]["template"]["spec"]) is enabled
+
+
+def test_names_stay_valid_whatever_the_overrides():
+    for values in ({"fullnameOverride": "Shop_DB.Migrate-"}, {"nameOverride": "MigrationRunner"},
+                   {"fullnameOverride": "x" * 80, "mode": "job"}, {"fullnameOverride": "-" + "y" * 70 + "-"},
+                   {"fullnameOverride": "a" * 61 + "_b", "mode": "job", "job": {"nameSuffixOverride": "v1"}}):
+        docs = render(deep_merge(values, {"networkPolicy": {"enabled": True},
+                                          "migrations": {"source": "configMap", "files": {"alembic.ini": ""}}}),
+                      tests=True)
+        names = [d["metadata"]["name"] for d in docs]
+        for name in names:
+            assert RFC1123_LABEL.fullmatch(name), (values, name)
+        assert len(set((d["kind"], d["metadata"]["name"]) for d in docs)) == len(docs), names
+    assert "MigrationRunner" not in json.dumps(render({"nameOverride": "MigrationRunner"}))
+    assert only(render({"nameOverride": "MigrationRunner"}), "Job")["metadata"]["name"] == "shop-migration-runner"
+    assert "nameOverride has no letter" in render_error({"nameOverride": "__"})
+
+
+# Every setting of the Job's pod: a Job's pod template is immutable, so each must change the name in mode job.
+POD_SETTINGS = {
+    "tolerations": {"tolerations": [{"key": "k", "operator": "Exists"}]},
+    "nodeSelector": {"nodeSelector": {"pool": "batch"}},
+    "affinity": {"affinity": {"nodeAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": [
+        {"weight": 1, "preference": {"matchExpressions": [{"key": "pool", "operator": "In", "values": ["a"]}]}}]}}},
+    "podLabels": {"podLabels": {"team": "db"}},
+    "podAnnotations": {"podAnnotations": {"example.com/x": "y"}},
+    "imagePullSecrets": {"imagePullSecrets": [{"name": "regcred"}]},
+    "global.imagePullSecrets": {"global": {"imagePullSecrets": ["regcred"]}},
+    "podSecurityContext": {"podSecurityContext": {"fsGroup": 20002}},
+    "priorityClassName": {"priorityClassName": "low"},
+    "serviceAccount.name": {"serviceAccount": {"name": "migrator"}},
+    "disableIstioSidecar": {"disableIstioSidecar": False},
+    "tmpSizeLimit": {"tmpSizeLimit": "128Mi"},
+    "job.podFailurePolicy": {"job": {"podFailurePolicy": False}},
+    "job.backoffLimit": {"job": {"backoffLimit": 1}},
+    "job.activeDeadlineSeconds": {"job": {"activeDeadlineSeconds": 60}},
+    "resources": {"resources": {"limits": {"memory": "1Gi"}}},
+    "extraEnv": {"extraEnv": [{"name": "TZ", "value": "UTC"}]},
+    "initContainers": {"initContainers": [{"name": "proxy", "image": "proxy:1", "restartPolicy": "Always"}]},
+    "sidecars": {"sidecars": [{"name": "proxy", "image": "proxy:1"}]},
+    "extraVolumes": {"extraVolumes": [{"name": "ca", "secret": {"secretName": "ca"}}],
+                     "extraVolumeMounts": [{"name": "ca", "mountPath": "/ca"}]},
+    "automountServiceAccountToken": {"automountServiceAccountToken": True},
+    "terminationGracePeriodSeconds": {"terminationGracePeriodSeconds": 5},
+    "topologySpreadConstraints": {"topologySpreadConstraints": [
+        {"maxSkew": 1, "topologyKey": "zone", "whenUnsatisfiable": "ScheduleAnyway"}]},
+    "commonLabels": {"commonLabels": {"team": "db"}},
+    "image.registry": {"image": {"registry": "registry.example.com"}},
+    "openshift": {"global": {"compatibility": {"openshift": {"adaptSecurityContext": "force"}}}},
+    "config.quitUrls": {"config": {"quitUrls": "http://127.0.0.1:15020/quitquitquit"}},
+    "migrations.files": {"migrations": {"source": "configMap", "files": {"alembic.ini": "[alembic]\n"}}},
+    "database host": {"database": {"url": URL.replace("db.example.internal", "db2.example.internal")}},
+}
+
+
+def test_job_mode_name_changes_with_every_setting_of_the_job_and_never_with_a_secret():
+    base = job_name({})
+    names = {setting: job_name(values) for setting, values in POD_SETTINGS.items()}
+    unchanged = [setting for setting, name in names.items() if name == base]
+    assert not unchanged, f"these settings change the Job's spec but not its name: {unchanged}"
+    # The name never depends on a secret: anyone who can list Jobs could test password guesses against it.
+    for url in (URL.replace("s3cret", "0ther"), URL.replace("app:s3cret", "admin:0ther"),
+                URL.replace("s3cret", "s3/cr@t")):
+        assert job_name({"database": {"url": url}}) == base, url
+    assert job_name({"database": {"url": URL + "?sslmode=require&password=x"}}) == \
+        job_name({"database": {"url": URL.replace("s3cret", "y") + "?sslmode=require&password=y"}})
+    # job.nameSuffixOverride: GitLab's escape hatch, a fixed suffix instead of the hash.
+    assert job_name({"job": {"nameSuffixOverride": "v1-4-0"}}) == "shop-migration-runner-v1-4-0"
+    # Hook modes keep a fixed name: Helm and Argo CD delete the old Job first.
+    assert only(render({"tolerations": [{"key": "k", "operator": "Exists"}]}), "Job")["metadata"]["name"] == \
+        "shop-migration-runner"
+
+
+@pytest.mark.parametrize("mode", ["hook", "argocd", "job"])
+@pytest.mark.parametrize("source", ["image", "configMap"])
+def test_application_pods_never_mount_a_hook_deleted_secret_or_configmap(mode, source):
+    """The parent's wait container still finds its Secret (and ConfigMap) after the hook Job succeeded."""
+    values = {"migrationRunner": {"mode": mode, "job": {"enabled": True},
+                                  "database": {"existingSecret": "", "url": URL}}}
+    if source == "configMap":
+        values["migrationRunner"]["migrations"] = {"source": "configMap", "files": {"alembic.ini": "[alembic]\n"}}
+    docs = render(values, chart=PARENT, tests=True)
+    by_name = {(d["kind"], d["metadata"]["name"]): d for d in docs}
+    pods = [only(docs, "Deployment")["spec"]["template"]["spec"]]
+    pods += [d["spec"] for d in docs if d["kind"] == "Pod"]  # the helm test pod runs after the hooks too
+    (init,) = pods[0]["initContainers"]
+    assert init["name"] == "wait-for-migrations"
+    for pod in pods:
+        for kind in ("Secret", "ConfigMap") if source == "configMap" else ("Secret",):
+            found = mounted(docs, kind, pod)
+            assert not any(k.startswith(("helm.sh/hook", "argocd.argoproj.io/hook")) for k in annotations(found)), \
+                (kind, found["metadata"])
+    # The Job itself mounts what exists before it runs: in the hook modes a hook with a lower weight.
+    job_secret = mounted(docs, "Secret")
+    if mode == "job":
+        assert annotations(job_secret) == {}
+    else:
+        assert annotations(job_secret), job_secret["metadata"]
+        assert by_name[("Secret", job_secret["metadata"]["name"])]["data"]["url"] == \
+            base64.b64encode(URL.encode()).decode()
+
+
+def test_wait_container_takes_the_callers_name_and_args(tmp_path):
+    parent = tmp_path / "helm-parent"
+    shutil.copytree(PARENT, parent, symlinks=False)
+    deployment = parent / "templates" / "deployment.yaml"
+    deployment.write_text(deployment.read_text().replace(
+        '"migration-runner.waitContainer" (dict "chart" $runner)',
+        '"migration-runner.waitContainer" (dict "chart" $runner "name" "schema-ready" "args" (list "check"))'))
+    docs = render({"migrationRunner": {"job": {"enabled": True}}}, chart=parent)
+    (init,) = only(docs, "Deployment")["spec"]["template"]["spec"]["initContainers"]
+    assert (init["name"], init["args"]) == ("schema-ready", ["check"])
+
+
+# -- values schema ---------------------------------------------------------------------------------
+def test_schema_accepts_a_parents_condition_and_refuses_unknown_keys():
+    with helm.Chart.load(CHART) as loaded:
+        loaded.validate_schema(deep_merge(BASE, {"enabled": False}))
+        with pytest.raises(helm.HelmValuesError, match="'enabled2' not allowed"):
+            loaded.validate_schema(deep_merge(BASE, {"enabled2": False}))
+    assert only(render({"enabled": True}), "Job")
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"hook": {"deletePolicy": "hook-succeeded"}}, "/hook/deletePolicy"),
+    ({"hook": {"deletePolicy": ""}}, "/hook/deletePolicy"),
+    ({"serviceAccount": {"name": "Migrator"}}, "/serviceAccount/name"),
+    ({"job": {"nameSuffixOverride": ["v1"]}}, "/job/nameSuffixOverride"),
+    ({"config": {"quitUrls": "127.0.0.1:15020"}}, "/config/quitUrls"),
+    ({"sidecars": [{"image": "x"}]}, "/sidecars/0"),
+    ({"global": {"compatibility": {"openshift": {"adaptSecurityContext": "yes"}}}}, "adaptSecurityContext"),
+])
+def test_schema_refuses_bad_new_values(values, message):
+    assert message in render_error(values)
+
+
+def test_schema_has_a_description_for_every_value_and_is_current():
+    module = values_table_module()
+    schema_text = (CHART / "values.schema.json").read_text()
+    assert schema_text == module["schema_text"](schema_text), "run helm/values-table.py"
+    schema = json.loads(schema_text)
+    for path, _, _ in module["documented"]():
+        node = schema
+        for key in path.split("."):
+            node = node["properties"][key]
+        assert node.get("description"), path
+
+
+# -- extension points ------------------------------------------------------------------------------
+def test_extension_points_reach_the_pod():
+    values = COMBINATIONS["extensions"]
+    docs = render(values, tests=True)
+    job, pod, c = only(docs, "Job"), pod_spec(docs), container(docs)
+    assert c["image"] == "registry.example.com/shop/migrations:1.4.0"
+    assert env_of(c)["MIGRATE_IMAGE"] == c["image"]
+    assert container(render(deep_merge(values, {"global": {"imageRegistry": "mirror.example"}})))["image"] == \
+        "mirror.example/shop/migrations:1.4.0"
+    assert pod["imagePullSecrets"] == [{"name": "global-regcred"}, {"name": "regcred"}]
+    assert pod["automountServiceAccountToken"] is True and pod["terminationGracePeriodSeconds"] == 120
+    assert pod["topologySpreadConstraints"][0]["labelSelector"]["matchLabels"] == {"app.kubernetes.io/instance": "shop"}
+    assert {"name": "pg-ca", "secret": {"secretName": "pg-ca"}} in pod["volumes"]
+    assert {"name": "pg-ca", "mountPath": "/etc/pg-ca", "readOnly": True} in c["volumeMounts"]
+    assert c["envFrom"] == [{"configMapRef": {"name": "pg-settings"}}]
+    # The native sidecar comes before the runner, and the runner is the only ordinary container.
+    assert [i["name"] for i in pod["initContainers"]] == ["cloud-sql-proxy"]
+    assert pod["initContainers"][0]["restartPolicy"] == "Always"
+    assert [x["name"] for x in pod["containers"]] == [CONTAINER]
+    for doc in docs:
+        assert doc["metadata"]["labels"]["team"] == "db", doc["kind"]
+        assert annotations(doc)["example.com/owner"] == "db", doc["kind"]
+    assert job["spec"]["template"]["metadata"]["labels"]["team"] == "db"
+    # The hook annotations win over commonAnnotations.
+    assert annotations(job)["helm.sh/hook"] == "pre-install,pre-upgrade"
+
+
+def test_sidecars_stop_through_the_quit_urls():
+    values = COMBINATIONS["sidecars"]
+    docs = render(values)
+    pod = pod_spec(docs)
+    assert [x["name"] for x in pod["containers"]] == [CONTAINER, "istio-proxy"]
+    assert env_of(container(docs))["MIGRATE_QUIT_URLS"] == "http://127.0.0.1:15020/quitquitquit"
+    urls = ["http://127.0.0.1:15020/quitquitquit", "http://127.0.0.1:9091/quitquitquit"]
+    assert env_of(container(render({"config": {"quitUrls": urls}})))["MIGRATE_QUIT_URLS"] == ",".join(urls)
+    assert "MIGRATE_QUIT_URLS" not in env_of(container(render()))
+    assert "config.quitUrls is empty" in notes({"sidecars": values["sidecars"]})
+    assert "http://127.0.0.1:15020/quitquitquit" in notes(values)
+
+
+def test_openshift_drops_the_fixed_uid_and_gid():
+    for docs in (render(COMBINATIONS["openshift"], tests=True),):
+        for spec in [pod_spec(docs)] + [d["spec"] for d in docs if d["kind"] == "Pod"]:
+            for sc in [spec["securityContext"]] + [x["securityContext"] for x in spec["containers"]]:
+                assert not {"runAsUser", "runAsGroup", "fsGroup"} & set(sc), sc
+                assert sc["runAsNonRoot"] is True and sc["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert container(render())["securityContext"]["runAsUser"] == 10001  # "auto" off OpenShift
+
+
+@pytest.mark.parametrize("mode", ["hook", "argocd", "job"])
+def test_network_policy_allows_dns_and_the_database_only(mode):
+    docs = render({"mode": mode, "networkPolicy": {"enabled": True, "databasePort": 6432}})
+    policy = only(docs, "NetworkPolicy")
+    validate(policy)
+    template_labels = only(docs, "Job")["spec"]["template"]["metadata"]["labels"]
+    assert policy["spec"]["podSelector"]["matchLabels"].items() <= template_labels.items()
+    assert policy["spec"]["policyTypes"] == ["Ingress", "Egress"] and "ingress" not in policy["spec"]
+    ports = sorted((p["port"], p["protocol"]) for rule in policy["spec"]["egress"] for p in rule["ports"])
+    assert ports == [(53, "TCP"), (53, "UDP"), (6432, "TCP")]
+    hook_weight = annotations(policy).get("helm.sh/hook-weight")
+    if mode == "hook":
+        assert int(hook_weight) < int(annotations(only(docs, "Job"))["helm.sh/hook-weight"])
+    elif mode == "argocd":
+        assert annotations(policy)["argocd.argoproj.io/hook"] == "PreSync"
+    else:
+        assert annotations(policy) == {}
+    assert "NetworkPolicy" not in kinds(render({"mode": mode}))
+
+
+def test_helm_test_pod_checks_the_heads_with_the_ordinary_secret():
+    docs = render(tests=True)
+    (pod,) = [d for d in docs if d["kind"] == "Pod"]
+    validate(pod)
+    assert annotations(pod)["helm.sh/hook"] == "test"
+    (c,) = pod["spec"]["containers"]
+    assert c["args"] == ["check"] and c["image"] == container(docs)["image"]
+    assert not any(k.startswith("helm.sh/hook") for k in annotations(mounted(docs, "Secret", pod["spec"])))
+    assert "Pod" not in kinds(render({"mode": "job"}, tests=True))
+    assert "Pod" not in kinds(render({"tests": {"enabled": False}}, tests=True))
+
+
+def test_notes_are_true_for_the_settings():
+    assert "fail the Job at once" not in notes({"job": {"podFailurePolicy": False}})
+    assert "job.podFailurePolicy is off" in notes({"job": {"podFailurePolicy": False}})
+    assert "helm test" in notes() and "helm test" not in notes({"tests": {"enabled": False}})
+    assert "--timeout" not in notes({"mode": "job", "job": {"activeDeadlineSeconds": None}})
+    assert "logs are gone" in notes({"hook": {"deletePolicy": "before-hook-creation,hook-succeeded,hook-failed"}})
+
+
+def test_chart_metadata():
+    chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
+    for key in ("maintainers", "kubeVersion", "description", "keywords"):
+        assert chart.get(key), key
+    # No invented address: home, sources and icon wait for the project's public one.
+    assert not {"home", "sources", "icon"} & set(chart)
+
+
+def test_readme_has_a_section_per_deployment_tool_and_proxy():
+    readme = (CHART / "README.md").read_text()
+    for needle in ("### Helm hooks", "`--wait` and `--atomic`", "### Argo CD", "### Flux", "HelmRelease",
+                   "disableHooks", "### Plain kubectl", "### Istio with sidecars", "### Istio native sidecars",
+                   "### Cloud SQL Auth Proxy, as a native sidecar", "restartPolicy: Always",
+                   "### Cloud SQL Auth Proxy without native sidecars", "quitquitquit", "**OpenShift**",
+                   "STRICT", "created by the same release"):
+        assert needle in readme, needle
+
+
+@pytest.mark.parametrize("heading", ["### Helm hooks", "### Argo CD (mode", "### Istio with sidecars",
+                                     "### Cloud SQL Auth Proxy, as a native sidecar",
+                                     "### Cloud SQL Auth Proxy without native sidecars"])
+def test_readme_values_render_valid_manifests(heading):
+    """The values the README shows for each tool and proxy render objects valid on every supported Kubernetes."""
+    readme = (CHART / "README.md").read_text()
+    section = readme.split(heading, 1)[1]
+    values = yaml.safe_load(re.search(r"```yaml\n(.*?)```", section, re.S).group(1))
+    docs = render(values, tests=True)
+    for doc in docs:
+        validate(doc)
+    assert "Job" in kinds(docs)
+
+
+# -- review findings: quit URLs, YAML-typed names, upgrades from 0.1.0, nulls, long names -------------------------
+QUIT = "http://127.0.0.1:15020/quitquitquit"
+
+
+@pytest.mark.parametrize("job_enabled", [True, False])
+def test_quit_urls_reach_only_the_migration_jobs_runner(job_enabled):
+    """The runner POSTs them as every command exits: an application pod's init or wait container, or the helm
+    test pod, would stop the pod's own proxy."""
+    docs = render({"config": {"quitUrls": QUIT}}, tests=True)
+    assert env_of(container(docs))["MIGRATE_QUIT_URLS"] == QUIT
+    (pod,) = [d for d in docs if d["kind"] == "Pod"]
+    (check,) = pod["spec"]["containers"]
+    assert "MIGRATE_QUIT_URLS" not in env_of(check)
+    docs = render({"migrationRunner": {"job": {"enabled": job_enabled}, "config": {"quitUrls": [QUIT]}}},
+                  chart=PARENT, tests=True)
+    (init,) = only(docs, "Deployment")["spec"]["template"]["spec"]["initContainers"]
+    assert init["name"] == ("wait-for-migrations" if job_enabled else CONTAINER)
+    assert "MIGRATE_QUIT_URLS" not in env_of(init)
+    if job_enabled:
+        assert env_of(container(docs))["MIGRATE_QUIT_URLS"] == QUIT
+    for doc in docs:
+        if doc["kind"] in ("Deployment", "Pod"):
+            spec = doc["spec"]["template"]["spec"] if doc["kind"] == "Deployment" else doc["spec"]
+            for c in spec.get("initContainers", []) + spec["containers"]:
+                assert "MIGRATE_QUIT_URLS" not in env_of(c), (doc["kind"], c["name"])
+
+
+@pytest.mark.parametrize("release", ["123", "1e3", "0x1f", "on", "no", "null", "true", "0755", "1-2"])
+def test_release_names_that_read_as_other_yaml_types_stay_strings(release):
+    values = {"networkPolicy": {"enabled": True}, "migrations": {"source": "configMap", "files": {"alembic.ini": ""}}}
+    for mode in ("hook", "job"):
+        docs = render(deep_merge(values, {"mode": mode}), name=release, tests=True)
+        for doc in docs:
+            validate(doc)
+            assert doc["metadata"]["labels"]["app.kubernetes.io/instance"] == release, doc["metadata"]
+        assert only(docs, "Job")["spec"]["template"]["metadata"]["labels"]["app.kubernetes.io/instance"] == release
+        assert only(docs, "NetworkPolicy")["spec"]["podSelector"]["matchLabels"]["app.kubernetes.io/instance"] == release
+    for doc in render({"nameOverride": "123", "fullnameOverride": "456"}, name=release, tests=True):
+        validate(doc)
+        assert doc["metadata"]["labels"]["app.kubernetes.io/name"] == "123"
+    docs = render({"migrationRunner": {"job": {"enabled": True}, "database": {"existingSecret": "", "url": URL}}},
+                  chart=PARENT, name=release, tests=True)
+    for doc in docs:
+        validate(doc)
+        assert doc["metadata"]["labels"]["app.kubernetes.io/instance"] == release, doc["metadata"]
+
+
+# The names chart 0.1.0 gave the Secret and ConfigMap rendered from values: hooks in modes hook and argocd.
+OLD_HOOK_NAMES = {("Secret", "shop-migration-runner-database"), ("ConfigMap", "shop-migration-runner-migrations")}
+
+
+@pytest.mark.parametrize("mode", ["hook", "argocd", "job"])
+def test_an_upgrade_from_chart_0_1_0_never_meets_a_leftover_hook_under_an_ordinary_name(mode):
+    """A hook Secret or ConfigMap that 0.1.0 left behind is replaced by the new hook copy (before-hook-creation);
+    no ordinary resource takes its name, which would fail `helm upgrade` with "invalid ownership metadata"."""
+    values = {"mode": mode, "migrations": {"source": "configMap", "files": {"alembic.ini": "[alembic]\n"}}}
+    docs = render(values, tests=True)
+    ordinary = {(d["kind"], d["metadata"]["name"]) for d in docs
+                if not any(k.startswith(("helm.sh/hook", "argocd.argoproj.io/hook")) for k in annotations(d))}
+    assert not ordinary & OLD_HOOK_NAMES, ordinary
+    assert {("Secret", "shop-migration-runner-db-url"), ("ConfigMap", "shop-migration-runner-migration-files")} <= ordinary
+    job_mounts = {("Secret", mounted(docs, "Secret")["metadata"]["name"]),
+                  ("ConfigMap", mounted(docs, "ConfigMap")["metadata"]["name"])}
+    if mode == "job":
+        assert job_mounts <= ordinary
+    else:
+        assert job_mounts == OLD_HOOK_NAMES
+        for kind in ("Secret", "ConfigMap"):
+            assert "before-hook-creation" in annotations(mounted(docs, kind)).get(
+                "helm.sh/hook-delete-policy", "before-hook-creation")
+            assert annotations(mounted(docs, kind)).get("argocd.argoproj.io/hook-delete-policy",
+                                                        "BeforeHookCreation") == "BeforeHookCreation"
+    for pod in [d["spec"] for d in docs if d["kind"] == "Pod"]:
+        assert {(k, mounted(docs, k, pod)["metadata"]["name"]) for k in ("Secret", "ConfigMap")} <= ordinary
+    # The application's pods (the parent's init or wait container) mount the ordinary ones.
+    for job_enabled in (True, False):
+        parent_values = {"migrationRunner": {"mode": mode, "job": {"enabled": job_enabled},
+                                             "database": {"existingSecret": "", "url": URL}, **values}}
+        parent_docs = render(parent_values, chart=PARENT)
+        pod = only(parent_docs, "Deployment")["spec"]["template"]["spec"]
+        assert {(k, mounted(parent_docs, k, pod)["metadata"]["name"]) for k in ("Secret", "ConfigMap")} == \
+            {("Secret", "shop-migration-runner-db-url"), ("ConfigMap", "shop-migration-runner-migration-files")}
+
+
+def test_the_chart_version_says_the_names_changed():
+    chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
+    assert chart["version"] == "0.2.0"
+    parent = yaml.safe_load((PARENT / "Chart.yaml").read_text())
+    (dependency,) = [d for d in parent["dependencies"] if d["name"] == "migration-runner"]
+    assert dependency["version"] == chart["version"]
+    assert (PARENT / "charts" / "migration-runner" / "Chart.yaml").read_text() == (CHART / "Chart.yaml").read_text()
+    readme = (CHART / "README.md").read_text()
+    assert f"version: {chart['version']}" in readme
+    assert "<fullname>-db-url" in readme and "invalid ownership metadata" in readme
+    lock = PARENT / "Chart.lock"
+    assert not lock.exists() or "0.1.0" not in lock.read_text()
+
+
+def test_helm_test_pod_has_the_jobs_init_containers_but_not_its_sidecars():
+    values = deep_merge(COMBINATIONS["extensions"], {"sidecars": [{"name": "istio-proxy", "image": "istio/proxyv2:1"}],
+                                                     "config": {"quitUrls": QUIT}})
+    docs = render(values, tests=True)
+    (pod,) = [d for d in docs if d["kind"] == "Pod"]
+    validate(pod)
+    assert pod["spec"]["initContainers"] == pod_spec(docs)["initContainers"]
+    assert [c["name"] for c in pod["spec"]["containers"]] == ["check"]
+    assert "MIGRATE_QUIT_URLS" not in env_of(pod["spec"]["containers"][0])
+    readme = (CHART / "README.md").read_text()
+    for heading in ("**helm test**", "### Cloud SQL Auth Proxy, as a native sidecar",
+                    "### Cloud SQL Auth Proxy without native sidecars"):
+        section = readme.split(heading, 1)[1].split("\n#", 1)[0]
+        assert "tests.enabled" in section, heading
+
+
+@pytest.mark.parametrize("values, check", [
+    ({"mode": "job", "job": {"nameSuffixOverride": "1.4.0"}},
+     lambda docs: only(docs, "Job")["metadata"]["name"] == "shop-migration-runner-1-4-0"),
+    ({"mode": "job", "job": {"nameSuffixOverride": 140}},
+     lambda docs: only(docs, "Job")["metadata"]["name"] == "shop-migration-runner-140"),
+    ({"mode": "job", "job": {"nameSuffixOverride": 20240101}},
+     lambda docs: only(docs, "Job")["metadata"]["name"] == "shop-migration-runner-20240101"),
+    ({"mode": "job", "job": {"nameSuffixOverride": 1.4}},
+     lambda docs: only(docs, "Job")["metadata"]["name"] == "shop-migration-runner-1-4"),
+    ({"mode": "argocd", "argocd": {"syncWave": "-1"}},
+     lambda docs: annotations(only(docs, "Job"))["argocd.argoproj.io/sync-wave"] == "-1"
+     and annotations(only(docs, "ServiceAccount"))["argocd.argoproj.io/sync-wave"] == "-2"),
+    ({"hook": {"weight": "-1"}},
+     lambda docs: annotations(only(docs, "Job"))["helm.sh/hook-weight"] == "-1"
+     and annotations(only(docs, "ServiceAccount"))["helm.sh/hook-weight"] == "-2"),
+    ({"hook": {"events": "pre-install, pre-upgrade"}},
+     lambda docs: annotations(only(docs, "Job"))["helm.sh/hook"] == "pre-install,pre-upgrade"
+     and annotations(only(docs, "ServiceAccount"))["helm.sh/hook"] == "pre-install,pre-upgrade"),
+    *[({"database": {"url": URL.replace("postgresql://", scheme)}}, lambda docs: True)
+      for scheme in ("postgresql+psycopg2://", "postgresql+asyncpg://", "postgresql+pg8000://",
+                     "postgresql+psycopg_async://", "postgres://", "postgresql+psycopg://")],
+    ({"image": {"tag": 20240101}}, lambda docs: container(docs)["image"] == "migration-runner:20240101"),
+    ({"image": {"tag": 2.5}}, lambda docs: container(docs)["image"] == "migration-runner:2.5"),
+])
+def test_schema_accepts_plausible_values(values, check):
+    with helm.Chart.load(CHART) as loaded:
+        loaded.validate_schema(deep_merge(BASE, values))
+    docs = render(values, tests=True)
+    for doc in docs:
+        validate(doc)
+    assert check(docs), values
+
+
+def test_the_schema_accepts_every_driver_the_runner_accepts():
+    from runner.settings import DRIVERS
+    for scheme in DRIVERS:
+        docs = render({"database": {"url": URL.replace("postgresql://", scheme + "://")}})
+        assert only(docs, "Job")
+
+
+def test_null_never_turns_into_a_dangerous_default():
+    # automountServiceAccountToken: null would let Kubernetes mount the token.
+    docs = render({"automountServiceAccountToken": None, "serviceAccount": {"automountServiceAccountToken": None}},
+                  tests=True)
+    assert pod_spec(docs)["automountServiceAccountToken"] is False
+    assert only(docs, "Pod")["spec"]["automountServiceAccountToken"] is False
+    assert only(docs, "ServiceAccount")["automountServiceAccountToken"] is False
+    # A NetworkPolicy port of null would open every TCP port.
+    policy = only(render({"networkPolicy": {"enabled": True, "databasePort": None}}), "NetworkPolicy")
+    validate(policy)
+    ports = sorted((p["port"], p["protocol"]) for rule in policy["spec"]["egress"] for p in rule["ports"])
+    assert ports == [(53, "TCP"), (53, "UDP"), (5432, "TCP")]
+    # Whole objects set to null are refused by the schema, naming the key (not a nil pointer in a template).
+    for key in ("config", "tests", "hook", "serviceAccount", "job", "networkPolicy", "image", "migrations"):
+        message = render_error({key: None})
+        assert f"missing property '{key}'" in message and "nil pointer" not in message, message
+
+
+def long_names(values: dict, name: str = "shop") -> set[tuple[str, str]]:
+    docs = render(deep_merge(values, {"networkPolicy": {"enabled": True},
+                                      "migrations": {"source": "configMap", "files": {"alembic.ini": ""}}}),
+                  name=name, tests=True)
+    for doc in docs:
+        validate(doc)
+    return {(d["kind"], d["metadata"]["name"]) for d in docs}
+
+
+def test_names_cut_to_63_characters_keep_a_hash_of_the_whole_name(tmp_path):
+    for mode in ("hook", "job"):
+        a = long_names({"mode": mode, "fullnameOverride": "a" * 70 + "-one"})
+        b = long_names({"mode": mode, "fullnameOverride": "a" * 70 + "-two"})
+        assert not a & b, a & b
+    # Two aliases of the chart in one parent under a long release name (Helm allows 53 characters).
+    parent = tmp_path / "parent"
+    shutil.copytree(PARENT, parent, symlinks=False)
+    chart_yaml = yaml.safe_load((parent / "Chart.yaml").read_text())
+    chart_yaml["dependencies"].append(dict(chart_yaml["dependencies"][0], alias="migrationRunnerTwo",
+                                           condition="migrationRunnerTwo.enabled"))
+    (parent / "Chart.yaml").write_text(yaml.safe_dump(chart_yaml))
+    release = "r" * 53
+    runner = {"job": {"enabled": True}, "database": {"existingSecret": "", "url": URL}}
+    docs = render({"migrationRunner": runner, "migrationRunnerTwo": runner}, chart=parent, name=release, tests=True)
+    names = [(d["kind"], d["metadata"]["name"]) for d in docs]
+    assert len(names) == len(set(names)), names
+    assert len([n for n in names if n[0] == "Job"]) == 2
+    for doc in docs:
+        validate(doc)
+    # A name that fits is not touched.
+    assert ("Job", "shop-migration-runner") in long_names({})
+
+
+def test_job_name_hash_ignores_every_query_parameter_that_may_hold_a_secret():
+    base = job_name({})
+    for query in ("?pass%77ord={}", "?sslmode=require&pass%77ord={}", "?PASSWORD={}", "?sslpassword={}",
+                  "?passfile=/tmp/{}", "?x={}", "?%70assword={}&sslmode=require"):
+        one = job_name({"database": {"url": URL + query.format("guess1")}})
+        two = job_name({"database": {"url": URL + query.format("guess2")}})
+        assert one == two, query
+    # The known-safe parameters still make distinct runs distinct.
+    assert job_name({"database": {"url": URL + "?sslmode=require"}}) != \
+        job_name({"database": {"url": URL + "?sslmode=disable"}})
+    assert job_name({"database": {"url": URL + "?sslmode=require&pass%77ord=x"}}) == \
+        job_name({"database": {"url": URL + "?sslmode=require"}})
+    assert job_name({"database": {"url": URL}}) == base
+    # An unencoded "?" in the password keeps no part of it.
+    assert job_name({"database": {"url": URL.replace("s3cret", "s3?cret")}}) == \
+        job_name({"database": {"url": URL.replace("s3cret", "s4?cret")}})

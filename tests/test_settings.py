@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 
 from runner.errors import ConfigError
-from runner.settings import Settings, parse_url, variables
+from runner.settings import Settings, parse_url, quit_urls_from_env, variables
 
 
 def settings(monkeypatch, **env) -> Settings:
@@ -73,3 +73,27 @@ def test_every_variable_has_a_description():
     rows = variables()
     assert len({name for name, _, _ in rows}) == len(rows)
     assert all(meaning for _, _, meaning in rows)
+
+
+def test_quit_urls_are_split_on_whitespace_and_commas(monkeypatch):
+    s = settings(monkeypatch, MIGRATE_QUIT_URLS=" http://127.0.0.1:15020/quitquitquit,\nHTTPS://[::1]:9091/q , ")
+    assert s.quit_url_list() == ["http://127.0.0.1:15020/quitquitquit", "HTTPS://[::1]:9091/q"]
+    assert settings(monkeypatch).quit_url_list() == []
+
+
+@pytest.mark.parametrize("raw", [
+    "ftp://u:topsecret@h/quit", "127.0.0.1:15020/quitquitquit", "http://u:topsecret@/quit",
+    "http://u:topsecret@h:99999/quit", "http://u:topsecret@h:0/quit", "u:topsecret@h:15020",
+])
+def test_a_quit_url_that_is_not_http_exits_2_without_echoing_it(monkeypatch, raw):
+    with pytest.raises(ConfigError) as error:
+        settings(monkeypatch, MIGRATE_QUIT_URLS=f"http://h/ok {raw}")
+    message = str(error.value)
+    assert message.startswith("MIGRATE_QUIT_URLS: URL 2 ") and "topsecret" not in message and "\n" not in message
+
+
+def test_quit_urls_are_read_on_their_own_when_the_settings_are_invalid(monkeypatch):
+    monkeypatch.setenv("MIGRATE_QUIT_URLS", "http://h:1/a ftp://h/b,https://h/c")
+    assert quit_urls_from_env() == ["http://h:1/a", "https://h/c"]
+    monkeypatch.delenv("MIGRATE_QUIT_URLS")
+    assert quit_urls_from_env() == []

@@ -4,23 +4,78 @@ chart's own root ".", or a parent chart's (index .Subcharts "<name or alias>")),
 so that they also work when a parent chart includes "migration-runner.initContainer".
 */}}
 
-{{/* The chart name. */}}
-{{- define "migration-runner.name" -}}
-{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{/*
+A name made valid as an RFC 1123 label (what Kubernetes requires of most object
+names and of label values): camelCase split with "-" ("migrationRunner" ->
+"migration-runner"), lower case, every other character than a-z, 0-9 and "-"
+replaced with "-", at most .max characters (default 63), no "-" at either end.
+A name that must be cut keeps a short hash of the whole name ("<start>-<8 hex
+digits>"), so that two long names that share their first characters (two
+aliases of this chart under a long release name) stay distinct.
+Arguments (a dict): name, max.
+*/}}
+{{- define "migration-runner.dnsLabel" -}}
+{{- $max := int (.max | default 63) }}
+{{- $name := regexReplaceAll "([a-z0-9])([A-Z])" (include "migration-runner.string" .name) "${1}-${2}" | lower }}
+{{- $name = regexReplaceAll "[^a-z0-9-]+" $name "-" | trimAll "-" }}
+{{- if gt (len $name) $max }}
+{{- $hash := $name | sha256sum | trunc 8 }}
+{{- $name = printf "%s-%s" ($name | trunc (int (sub $max 9)) | trimAll "-") $hash | trimAll "-" }}
+{{- end }}
+{{- $name }}
 {{- end }}
 
-{{/* The full name: release name + chart name, at most 63 characters. */}}
+{{/*
+A scalar value as a string, numbers without an exponent: Helm reads every number
+of the values as a float, and 20240101 would otherwise print as 2.0240101e+07.
+*/}}
+{{- define "migration-runner.string" -}}
+{{- $value := . }}
+{{- if kindIs "invalid" $value }}
+{{- else if and (kindIs "float64" $value) (eq $value (floor $value)) }}
+{{- int64 $value | toString }}
+{{- else }}
+{{- toString $value }}
+{{- end }}
+{{- end }}
+
+{{/* The chart name (the alias, under a parent that gives one), as an RFC 1123 label. */}}
+{{- define "migration-runner.name" -}}
+{{- $name := include "migration-runner.dnsLabel" (dict "name" (default .Chart.Name .Values.nameOverride)) }}
+{{- if not $name }}
+{{- fail "migration-runner: nameOverride has no letter or digit to make a resource name of" }}
+{{- end }}
+{{- $name }}
+{{- end }}
+
+{{/*
+The full name: release name + chart name, at most 63 characters, an RFC 1123
+label whatever the alias, nameOverride or fullnameOverride.
+*/}}
 {{- define "migration-runner.fullname" -}}
+{{- $full := "" }}
 {{- if .Values.fullnameOverride }}
-{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- $full = .Values.fullnameOverride }}
 {{- else }}
-{{- $name := default .Chart.Name .Values.nameOverride }}
-{{- if contains $name .Release.Name }}
-{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- $name := include "migration-runner.name" . }}
+{{- $release := include "migration-runner.dnsLabel" (dict "name" .Release.Name) }}
+{{- if contains $name $release }}
+{{- $full = $release }}
 {{- else }}
-{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- $full = printf "%s-%s" $release $name }}
 {{- end }}
 {{- end }}
+{{- $full = include "migration-runner.dnsLabel" (dict "name" $full) }}
+{{- if not $full }}
+{{- fail "migration-runner: fullnameOverride has no letter or digit to make a resource name of" }}
+{{- end }}
+{{- $full }}
+{{- end }}
+
+{{/* The full name and a suffix, at most 63 characters together (the suffix kept whole). */}}
+{{- define "migration-runner.suffixedName" -}}
+{{- $base := include "migration-runner.dnsLabel" (dict "name" (include "migration-runner.fullname" .context) "max" (sub 62 (len .suffix))) }}
+{{- printf "%s-%s" $base .suffix }}
 {{- end }}
 
 {{/* Chart name and version, for the helm.sh/chart label. */}}
@@ -28,47 +83,137 @@ so that they also work when a parent chart includes "migration-runner.initContai
 {{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
 {{- end }}
 
-{{/* Labels of every resource. */}}
+{{/* Labels of every resource (commonLabels included). */}}
 {{- define "migration-runner.labels" -}}
-helm.sh/chart: {{ include "migration-runner.chart" . }}
-{{ include "migration-runner.selectorLabels" . }}
+{{- $labels := dict
+  "helm.sh/chart" (include "migration-runner.chart" .)
+  "app.kubernetes.io/managed-by" .Release.Service
+  "app.kubernetes.io/component" "migration" }}
 {{- if .Chart.AppVersion }}
-app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+{{- $_ := set $labels "app.kubernetes.io/version" (.Chart.AppVersion | toString) }}
 {{- end }}
-app.kubernetes.io/managed-by: {{ .Release.Service }}
-app.kubernetes.io/component: migration
+{{- $labels = merge (include "migration-runner.selectorLabels" . | fromYaml) $labels (.Values.commonLabels | default dict) }}
+{{- toYaml $labels }}
 {{- end }}
 
 {{/* Labels that identify the runner's pods. */}}
 {{- define "migration-runner.selectorLabels" -}}
-app.kubernetes.io/name: {{ include "migration-runner.name" . }}
-app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/name: {{ include "migration-runner.name" . | quote }}
+app.kubernetes.io/instance: {{ .Release.Name | quote }}
 {{- end }}
 
-{{/* The image reference: repository and digest, or repository and tag (appVersion by default). */}}
+{{/*
+The annotations of a resource: the ones given (a dict, e.g. hook annotations),
+then commonAnnotations. Arguments (a dict): context, annotations.
+*/}}
+{{- define "migration-runner.annotations" -}}
+{{- $annotations := merge (dict) (.annotations | default dict) (.context.Values.commonAnnotations | default dict) }}
+{{- with $annotations }}
+{{- toYaml . }}
+{{- end }}
+{{- end }}
+
+{{/* The global values, or an empty dict. */}}
+{{- define "migration-runner.global" -}}
+{{- toYaml (.Values.global | default dict) }}
+{{- end }}
+
+{{/*
+The image reference: [registry/]repository and digest, or tag (appVersion by
+default); global.imageRegistry takes precedence over image.registry.
+*/}}
 {{- define "migration-runner.image" -}}
+{{- $global := include "migration-runner.global" . | fromYaml }}
+{{- $registry := $global.imageRegistry | default .Values.image.registry }}
+{{- $repository := .Values.image.repository }}
+{{- if $registry }}
+{{- $repository = printf "%s/%s" (trimSuffix "/" $registry) $repository }}
+{{- end }}
 {{- if .Values.image.digest }}
-{{- printf "%s@%s" .Values.image.repository .Values.image.digest }}
+{{- printf "%s@%s" $repository .Values.image.digest }}
 {{- else }}
-{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
+{{- printf "%s:%s" $repository (include "migration-runner.string" (default .Chart.AppVersion .Values.image.tag)) }}
+{{- end }}
+{{- end }}
+
+{{/* imagePullSecrets of the pods: global.imagePullSecrets (names or {name}) and imagePullSecrets. */}}
+{{- define "migration-runner.imagePullSecrets" -}}
+{{- $global := include "migration-runner.global" . | fromYaml }}
+{{- $names := list }}
+{{- range concat ($global.imagePullSecrets | default list) (.Values.imagePullSecrets | default list) }}
+{{- $name := kindIs "map" . | ternary (get (kindIs "map" . | ternary . dict) "name") . }}
+{{- if and $name (not (has $name $names)) }}
+{{- $names = append $names $name }}
+{{- end }}
+{{- end }}
+{{- range $names }}
+- name: {{ . | quote }}
+{{- end }}
+{{- end }}
+
+{{/*
+Whether the fixed UID/GID of the security contexts are dropped (OpenShift's
+restricted-v2 assigns its own): global.compatibility.openshift.adaptSecurityContext
+"force", or "auto" on a cluster that serves security.openshift.io/v1.
+*/}}
+{{- define "migration-runner.adaptSecurityContext" -}}
+{{- $global := include "migration-runner.global" . | fromYaml }}
+{{- $adapt := ((($global.compatibility | default dict).openshift | default dict).adaptSecurityContext) | default "auto" }}
+{{- if or (eq $adapt "force") (and (eq $adapt "auto") .Capabilities (.Capabilities.APIVersions.Has "security.openshift.io/v1")) }}true{{ end }}
+{{- end }}
+
+{{/* A security context (argument "sc") for this cluster: without runAsUser, runAsGroup, fsGroup when adapted. */}}
+{{- define "migration-runner.securityContext" -}}
+{{- $sc := .sc | default dict }}
+{{- if include "migration-runner.adaptSecurityContext" .context }}
+{{- $sc = omit $sc "runAsUser" "runAsGroup" "fsGroup" }}
+{{- end }}
+{{- with $sc }}
+{{- toYaml . }}
 {{- end }}
 {{- end }}
 
 {{/* The ServiceAccount the Job runs as. */}}
 {{- define "migration-runner.serviceAccountName" -}}
-{{- if .Values.serviceAccount.create }}
-{{- default (include "migration-runner.fullname" .) .Values.serviceAccount.name }}
+{{- $sa := .Values.serviceAccount | default dict }}
+{{- if $sa.create }}
+{{- default (include "migration-runner.fullname" .) $sa.name }}
 {{- else }}
-{{- default "default" .Values.serviceAccount.name }}
+{{- default "default" $sa.name }}
 {{- end }}
 {{- end }}
 
-{{/* The Secret holding the database URL, and its key. */}}
+{{/*
+Whether the Job's Secret and ConfigMap are hooks (mode hook or argocd, with the
+Job): then the Job mounts hook copies, deleted with it, and the chart's ordinary
+Secret and ConfigMap stay for the application's pods (init or wait containers)
+and the helm test pod, which start after the hook and live on.
+The hook copies keep the names chart 0.1.0 gave its hook Secret and ConfigMap
+(<fullname>-database, <fullname>-migrations), so that before-hook-creation
+replaces one an earlier run left behind; the ordinary ones have names no
+earlier version used (<fullname>-db-url, <fullname>-migration-files), so that
+an upgrade never meets a leftover hook under an ordinary resource's name
+("invalid ownership metadata").
+*/}}
+{{- define "migration-runner.hookCopies" -}}
+{{- if and .Values.job.enabled (has .Values.mode (list "hook" "argocd")) }}true{{ end }}
+{{- end }}
+
+{{/* The Secret holding the database URL, for the application's pods (an ordinary resource). */}}
 {{- define "migration-runner.secretName" -}}
 {{- if .Values.database.existingSecret }}
 {{- .Values.database.existingSecret }}
 {{- else }}
-{{- printf "%s-database" (include "migration-runner.fullname" . | trunc 54 | trimSuffix "-") }}
+{{- include "migration-runner.suffixedName" (dict "context" . "suffix" "db-url") }}
+{{- end }}
+{{- end }}
+
+{{/* The Secret the Job mounts: a hook copy in modes hook and argocd. */}}
+{{- define "migration-runner.jobSecretName" -}}
+{{- if and (not .Values.database.existingSecret) (include "migration-runner.hookCopies" .) }}
+{{- include "migration-runner.suffixedName" (dict "context" . "suffix" "database") }}
+{{- else }}
+{{- include "migration-runner.secretName" . }}
 {{- end }}
 {{- end }}
 
@@ -76,13 +221,27 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- if .Values.database.existingSecret }}{{ .Values.database.existingSecretKey }}{{ else }}url{{ end }}
 {{- end }}
 
-{{/* The ConfigMap holding the migrations. */}}
+{{/* The ConfigMap holding the migrations, for the application's pods (an ordinary resource). */}}
 {{- define "migration-runner.configMapName" -}}
 {{- if .Values.migrations.existingConfigMap }}
 {{- .Values.migrations.existingConfigMap }}
 {{- else }}
-{{- printf "%s-migrations" (include "migration-runner.fullname" . | trunc 52 | trimSuffix "-") }}
+{{- include "migration-runner.suffixedName" (dict "context" . "suffix" "migration-files") }}
 {{- end }}
+{{- end }}
+
+{{/* The ConfigMap the Job mounts: a hook copy in modes hook and argocd. */}}
+{{- define "migration-runner.jobConfigMapName" -}}
+{{- if and (not .Values.migrations.existingConfigMap) (include "migration-runner.hookCopies" .) }}
+{{- include "migration-runner.suffixedName" (dict "context" . "suffix" "migrations") }}
+{{- else }}
+{{- include "migration-runner.configMapName" . }}
+{{- end }}
+{{- end }}
+
+{{/* Whether the chart renders the migrations ConfigMap. */}}
+{{- define "migration-runner.rendersConfigMap" -}}
+{{- if and (eq .Values.migrations.source "configMap") (not .Values.migrations.existingConfigMap) }}true{{ end }}
 {{- end }}
 
 {{/* A ConfigMap key for a relative file path (keys cannot hold "/"). */}}
@@ -117,19 +276,29 @@ catches unknown keys and wrong types; these are the rules across keys.
 {{- fail (printf "migration-runner: extraEnv must not set %s; the URL comes from database.existingSecret or database.url as a mounted file" .name) }}
 {{- end }}
 {{- end }}
+{{- range concat (.Values.initContainers | default list) (.Values.sidecars | default list) }}
+{{- if eq (.name | toString) "migration-runner" }}
+{{- fail "migration-runner: initContainers and sidecars must not use the container name \"migration-runner\" (the runner's)" }}
+{{- end }}
+{{- end }}
+{{- range .Values.extraVolumes }}
+{{- if hasPrefix "migration-runner-" (.name | toString) }}
+{{- fail (printf "migration-runner: extraVolumes: the name %s is the chart's (names starting with migration-runner- are reserved)" .name) }}
+{{- end }}
+{{- end }}
 {{- end }}
 
 {{/*
-Annotations of the resources the Job needs before it starts (Secret, ConfigMap,
-ServiceAccount). A pre-install hook runs before the chart's ordinary resources
-exist, so in mode hook they are hooks themselves with a lower weight, and in
-mode argocd PreSync hooks in an earlier sync wave. In mode job, or without the
-Job, they are ordinary resources.
+Annotations of the resources the Job needs before it starts (hook copies of the
+Secret and ConfigMap, ServiceAccount, NetworkPolicy). A pre-install hook runs
+before the chart's ordinary resources exist, so in mode hook they are hooks
+themselves with a lower weight, and in mode argocd PreSync hooks in an earlier
+sync wave. In mode job, or without the Job, they are ordinary resources.
 */}}
 {{- define "migration-runner.preJobAnnotations" -}}
 {{- if .Values.job.enabled }}
 {{- if eq .Values.mode "hook" }}
-helm.sh/hook: {{ .Values.hook.events | quote }}
+helm.sh/hook: {{ include "migration-runner.hookEvents" . | quote }}
 helm.sh/hook-weight: {{ sub (int .Values.hook.weight) 1 | quote }}
 helm.sh/hook-delete-policy: {{ .Values.hook.deletePolicy | quote }}
 {{- else if eq .Values.mode "argocd" }}
@@ -140,48 +309,84 @@ argocd.argoproj.io/hook-delete-policy: {{ .Values.argocd.deletePolicy | quote }}
 {{- end }}
 {{- end }}
 
+{{/* hook.events without spaces ("pre-install, pre-upgrade" is "pre-install,pre-upgrade"). */}}
+{{- define "migration-runner.hookEvents" -}}
+{{- regexReplaceAll "\\s+" (.Values.hook.events | toString) "" }}
+{{- end }}
+
 {{/* Annotations of the Job itself, per mode. */}}
 {{- define "migration-runner.jobAnnotations" -}}
+{{- $annotations := dict }}
 {{- if eq .Values.mode "hook" }}
-helm.sh/hook: {{ .Values.hook.events | quote }}
-helm.sh/hook-weight: {{ int .Values.hook.weight | quote }}
-helm.sh/hook-delete-policy: {{ .Values.hook.deletePolicy | quote }}
+{{- $annotations = dict "helm.sh/hook" (include "migration-runner.hookEvents" .) "helm.sh/hook-weight" (int .Values.hook.weight | toString) "helm.sh/hook-delete-policy" .Values.hook.deletePolicy }}
 {{- else if eq .Values.mode "argocd" }}
-argocd.argoproj.io/hook: {{ .Values.argocd.hook | quote }}
-argocd.argoproj.io/sync-wave: {{ int .Values.argocd.syncWave | quote }}
-argocd.argoproj.io/hook-delete-policy: {{ .Values.argocd.deletePolicy | quote }}
+{{- $annotations = dict "argocd.argoproj.io/hook" .Values.argocd.hook "argocd.argoproj.io/sync-wave" (int .Values.argocd.syncWave | toString) "argocd.argoproj.io/hook-delete-policy" .Values.argocd.deletePolicy }}
 {{- end }}
-{{- with .Values.job.annotations }}
-{{ toYaml . }}
+{{- $annotations = merge $annotations (.Values.job.annotations | default dict) }}
+{{- include "migration-runner.annotations" (dict "context" . "annotations" $annotations) }}
+{{- end }}
+
+{{/*
+The Job's name: the full name for hooks (they delete the old Job first); in
+mode job the full name and job.nameSuffixOverride, or a hash of the Job's whole
+spec (a Job's pod template is immutable: any change makes a new Job), of the
+migrations and of the database URL without its password (never a secret: the
+name is readable by anyone who can list Jobs).
+*/}}
+{{- define "migration-runner.jobName" -}}
+{{- if eq .Values.mode "job" }}
+{{- $suffix := include "migration-runner.dnsLabel" (dict "name" .Values.job.nameSuffixOverride "max" 20) }}
+{{- include "migration-runner.suffixedName" (dict "context" . "suffix" ($suffix | default (include "migration-runner.settingsHash" .))) }}
+{{- else }}
+{{- include "migration-runner.fullname" . }}
 {{- end }}
 {{- end }}
 
-{{/* The Job's name: fixed for hooks; with a hash of the image and settings in mode job. */}}
-{{- define "migration-runner.jobName" -}}
-{{- $base := include "migration-runner.fullname" . | trunc 54 | trimSuffix "-" }}
-{{- if eq .Values.mode "job" }}
-{{- printf "%s-%s" $base (include "migration-runner.settingsHash" .) }}
-{{- else }}
-{{- $base }}
+{{/*
+The database URL without what may be secret: without the user information, and
+of the query only the parameters known to hold no secret (matched as written, so
+a percent-encoded "pass%77ord" is dropped like "password").
+*/}}
+{{- define "migration-runner.publicUrl" -}}
+{{- /* Up to the last "@" anywhere: an unencoded "?" or "/" in a password must not keep part of it. */}}
+{{- $url := regexReplaceAll "^([A-Za-z][A-Za-z0-9+.-]*://).*@" (.Values.database.url | toString) "${1}" }}
+{{- $parts := splitn "?" 2 $url }}
+{{- $url = $parts._0 }}
+{{- $safe := list "host" "hostaddr" "port" "dbname" "sslmode" "sslrootcert" "sslcert" "sslcrl" "connect_timeout"
+  "application_name" "target_session_attrs" "load_balance_hosts" "gssencmode" "channel_binding" "client_encoding" "options" }}
+{{- $kept := list }}
+{{- range splitList "&" ($parts._1 | default "") }}
+{{- if has (splitn "=" 2 .)._0 $safe }}
+{{- $kept = append $kept . }}
 {{- end }}
+{{- end }}
+{{- $url }}{{ with $kept }}?{{ join "&" . }}{{ end }}
 {{- end }}
 
 {{/* A short hash of everything that makes one migration run differ from another. */}}
 {{- define "migration-runner.settingsHash" -}}
-{{- $parts := list (include "migration-runner.container" (dict "context" .)) (toJson .Values.database) (toJson .Values.migrations) }}
+{{- $parts := list (include "migration-runner.jobSpec" .) (toJson .Values.migrations) (include "migration-runner.publicUrl" .) }}
 {{- join "\n" $parts | sha256sum | trunc 8 }}
 {{- end }}
 
-{{/* Environment variables: each runner setting from values (the names are the runner's, see runner/settings.py). */}}
+{{/*
+Environment variables: each runner setting from values (the names are the
+runner's, see runner/settings.py). Arguments (a dict): context, and job (true
+only for the migration Job's runner container): MIGRATE_QUIT_URLS is set only
+there, since the runner POSTs those URLs as every command exits, and an
+application pod's init or wait container, or the helm test pod, would stop the
+pod's own proxies.
+*/}}
 {{- define "migration-runner.env" -}}
-{{- $v := .Values -}}
+{{- $forJob := .job | default false }}
+{{- $v := .context.Values -}}
 - name: DATABASE_URL_FILE
   value: {{ printf "%s/url" (trimSuffix "/" $v.database.mountPath) | quote }}
 {{- if eq $v.migrations.source "image" }}
 {{- /* Recorded with the lineage: an older image refused on this database names the image to downgrade with
 (only when the image holds the migrations; otherwise it would name an image without them). */}}
 - name: MIGRATE_IMAGE
-  value: {{ include "migration-runner.image" . | quote }}
+  value: {{ include "migration-runner.image" $.context | quote }}
 {{- end }}
 {{- if $v.migrations.alembicConfig }}
 - name: ALEMBIC_CONFIG
@@ -208,10 +413,17 @@ argocd.argoproj.io/hook-delete-policy: {{ .Values.argocd.deletePolicy | quote }}
   "logFormat" "MIGRATE_LOG_FORMAT"
   "logLevel" "MIGRATE_LOG_LEVEL"
   "progressInterval" "MIGRATE_PROGRESS_INTERVAL"
+  "quitUrls" "MIGRATE_QUIT_URLS"
   "alembicSection" "ALEMBIC_SECTION"
   "alembicXArgs" "ALEMBIC_X_ARGS" }}
+{{- if not $forJob }}
+{{- $variables = omit $variables "quitUrls" }}
+{{- end }}
 {{- range $key, $name := $variables }}
-{{- $value := index $v.config $key }}
+{{- $value := index ($v.config | default dict) $key }}
+{{- if kindIs "slice" $value }}
+{{- $value = join "," $value }}
+{{- end }}
 {{- if and (not (kindIs "invalid" $value)) (ne (toString $value) "") }}
 {{- if kindIs "float64" $value }}
 {{- if eq $value (floor $value) }}{{ $value = int64 $value }}{{ end }}
@@ -237,22 +449,29 @@ argocd.argoproj.io/hook-delete-policy: {{ .Values.argocd.deletePolicy | quote }}
   mountPath: {{ .Values.migrations.mountPath }}
   readOnly: true
 {{- end }}
+{{- with .Values.extraVolumeMounts }}
+{{ toYaml . }}
+{{- end }}
 {{- end }}
 
 {{/*
-The volumes the runner container mounts. Public: a parent chart that includes
-"migration-runner.initContainer" adds these to its pod's volumes:
+The volumes the runner container mounts (extraVolumes included). Public: a
+parent chart that includes "migration-runner.initContainer" adds these to its
+pod's volumes:
   volumes:
     {{- include "migration-runner.volumes" (dict "chart" (index .Subcharts "migrationRunner")) | nindent 4 }}
+Those name the chart's ordinary Secret and ConfigMap, which live as long as the
+release; the chart's own Job passes "job" true for the ones it mounts.
 */}}
 {{- define "migration-runner.volumes" -}}
 {{- $ctx := .chart | default .context -}}
+{{- $forJob := .job | default false -}}
 - name: migration-runner-database
   secret:
-    secretName: {{ include "migration-runner.secretName" $ctx }}
+    secretName: {{ $forJob | ternary (include "migration-runner.jobSecretName" $ctx) (include "migration-runner.secretName" $ctx) | quote }}
     defaultMode: {{ .defaultMode | default 0444 }}
     items:
-      - key: {{ include "migration-runner.secretKey" $ctx }}
+      - key: {{ include "migration-runner.secretKey" $ctx | quote }}
         path: url
 - name: migration-runner-tmp
   emptyDir:
@@ -260,7 +479,7 @@ The volumes the runner container mounts. Public: a parent chart that includes
 {{- if eq $ctx.Values.migrations.source "configMap" }}
 - name: migration-runner-migrations
   configMap:
-    name: {{ include "migration-runner.configMapName" $ctx }}
+    name: {{ $forJob | ternary (include "migration-runner.jobConfigMapName" $ctx) (include "migration-runner.configMapName" $ctx) | quote }}
     {{- if $ctx.Values.migrations.existingConfigMap }}
     {{- with $ctx.Values.migrations.existingConfigMapItems }}
     items:
@@ -269,13 +488,16 @@ The volumes the runner container mounts. Public: a parent chart that includes
     {{- else }}
     items:
       {{- range $path, $_ := $ctx.Values.migrations.files }}
-      - key: {{ include "migration-runner.fileKey" $path }}
+      - key: {{ include "migration-runner.fileKey" $path | quote }}
         path: {{ $path | quote }}
       {{- end }}
     {{- end }}
 {{- else if eq $ctx.Values.migrations.source "volume" }}
 - name: migration-runner-migrations
   {{- toYaml $ctx.Values.migrations.volume | nindent 2 }}
+{{- end }}
+{{- with $ctx.Values.extraVolumes }}
+{{ toYaml . }}
 {{- end }}
 {{- end }}
 
@@ -285,6 +507,7 @@ The runner container. Arguments (a dict):
   name     the container name (default "migration-runner")
   command  overrides values "command" (a list; empty keeps the image's ENTRYPOINT)
   args     overrides values "args" (a list, e.g. (list "wait"))
+  job      true only for the migration Job's runner (config.quitUrls is for it alone)
 */}}
 {{- define "migration-runner.container" -}}
 {{- $ctx := .context }}
@@ -303,22 +526,129 @@ The runner container. Arguments (a dict):
     {{- toYaml . | nindent 4 }}
   {{- end }}
   env:
-    {{- include "migration-runner.env" $ctx | trim | nindent 4 }}
-  {{- with $v.envFrom }}
+    {{- include "migration-runner.env" (dict "context" $ctx "job" (.job | default false)) | trim | nindent 4 }}
+  {{- with concat ($v.envFrom | default list) ($v.extraEnvFrom | default list) }}
   envFrom:
     {{- toYaml . | nindent 4 }}
   {{- end }}
   volumeMounts:
-    {{- include "migration-runner.volumeMounts" $ctx | nindent 4 }}
+    {{- include "migration-runner.volumeMounts" $ctx | trim | nindent 4 }}
   terminationMessagePolicy: FallbackToLogsOnError
   {{- with $v.resources }}
   resources:
     {{- toYaml . | nindent 4 }}
   {{- end }}
-  {{- with $v.securityContext }}
+  {{- with include "migration-runner.securityContext" (dict "context" $ctx "sc" $v.securityContext) }}
   securityContext:
-    {{- toYaml . | nindent 4 }}
+    {{- . | nindent 4 }}
   {{- end }}
+{{- end }}
+
+{{/*
+The spec of the migration Job (everything but its metadata): the Job's name in
+mode job carries its hash.
+*/}}
+{{- define "migration-runner.jobSpec" -}}
+{{- $table := .Files.Get "files/exit-codes.json" }}
+{{- if not (regexMatch "^\\s*\\[\\s*\\{" $table) }}
+{{- fail "migration-runner: files/exit-codes.json is missing or not the runner's exit-code table; regenerate it with helm/update-exit-codes.sh" }}
+{{- end }}
+{{- $codes := $table | fromJsonArray -}}
+backoffLimit: {{ .Values.job.backoffLimit }}
+{{- with .Values.job.activeDeadlineSeconds }}
+activeDeadlineSeconds: {{ . }}
+{{- end }}
+{{- if and (eq .Values.mode "job") (not (kindIs "invalid" .Values.job.ttlSecondsAfterFinished)) }}
+ttlSecondsAfterFinished: {{ .Values.job.ttlSecondsAfterFinished }}
+{{- end }}
+{{- if .Values.job.podFailurePolicy }}
+{{- /* Exit codes from the runner's table (files/exit-codes.json, generated from runner/errors.py). */}}
+{{- $fatal := list }}
+{{- range $codes }}
+{{- if and (not .retryable) (ne (int .code) 0) }}
+{{- $fatal = append $fatal (int .code) }}
+{{- end }}
+{{- end }}
+podFailurePolicy:
+  rules:
+    {{- with $fatal }}
+    # Exit codes a retry cannot fix: fail the Job at once.
+    - action: FailJob
+      onExitCodes:
+        containerName: migration-runner
+        operator: In
+        values: {{ toJson . }}
+    {{- end }}
+    # Evictions, preemptions and node drains do not count against backoffLimit.
+    - action: Ignore
+      onPodConditions:
+        - type: DisruptionTarget
+          status: "True"
+{{- end }}
+template:
+  metadata:
+    {{- $labels := include "migration-runner.selectorLabels" . | fromYaml }}
+    {{- $_ := set $labels "app.kubernetes.io/component" "migration" }}
+    {{- if .Values.disableIstioSidecar }}
+    {{- $_ := set $labels "sidecar.istio.io/inject" "false" }}
+    {{- end }}
+    {{- $labels = merge $labels (.Values.podLabels | default dict) (.Values.commonLabels | default dict) }}
+    labels:
+      {{- toYaml $labels | nindent 6 }}
+    {{- $podAnnotations := dict }}
+    {{- if .Values.disableIstioSidecar }}
+    {{- $_ := set $podAnnotations "sidecar.istio.io/inject" "false" }}
+    {{- end }}
+    {{- $podAnnotations = merge $podAnnotations (.Values.podAnnotations | default dict) }}
+    {{- with $podAnnotations }}
+    annotations:
+      {{- toYaml . | nindent 6 }}
+    {{- end }}
+  spec:
+    restartPolicy: Never
+    serviceAccountName: {{ include "migration-runner.serviceAccountName" . | quote }}
+    automountServiceAccountToken: {{ eq (toString .Values.automountServiceAccountToken) "true" }}
+    {{- with .Values.priorityClassName }}
+    priorityClassName: {{ . | quote }}
+    {{- end }}
+    {{- if not (kindIs "invalid" .Values.terminationGracePeriodSeconds) }}
+    terminationGracePeriodSeconds: {{ .Values.terminationGracePeriodSeconds }}
+    {{- end }}
+    {{- with include "migration-runner.imagePullSecrets" . | trim }}
+    imagePullSecrets:
+      {{- . | nindent 6 }}
+    {{- end }}
+    {{- with include "migration-runner.securityContext" (dict "context" . "sc" .Values.podSecurityContext) }}
+    securityContext:
+      {{- . | nindent 6 }}
+    {{- end }}
+    {{- with .Values.initContainers }}
+    initContainers:
+      {{- tpl (toYaml .) $ | nindent 6 }}
+    {{- end }}
+    containers:
+      {{- include "migration-runner.container" (dict "context" . "job" true) | trim | nindent 6 }}
+      {{- with .Values.sidecars }}
+      {{- tpl (toYaml .) $ | nindent 6 }}
+      {{- end }}
+    volumes:
+      {{- include "migration-runner.volumes" (dict "chart" . "defaultMode" 0440 "job" true) | trim | nindent 6 }}
+    {{- with .Values.nodeSelector }}
+    nodeSelector:
+      {{- toYaml . | nindent 6 }}
+    {{- end }}
+    {{- with .Values.tolerations }}
+    tolerations:
+      {{- toYaml . | nindent 6 }}
+    {{- end }}
+    {{- with .Values.affinity }}
+    affinity:
+      {{- toYaml . | nindent 6 }}
+    {{- end }}
+    {{- with .Values.topologySpreadConstraints }}
+    topologySpreadConstraints:
+      {{- tpl (toYaml .) $ | nindent 6 }}
+    {{- end }}
 {{- end }}
 
 {{/*
@@ -351,9 +681,13 @@ Optional keys of the dict: "name" (container name, default "migration-runner"),
 A read-only init container for an application's pods that waits until the
 database is at the heads (`migration-runner wait`), for when the migration
 itself runs as this chart's Job: the application never starts against an old
-schema while the Job is still running. Same dict as initContainer.
+schema while the Job is still running. Same dict as initContainer; its "name"
+(default "wait-for-migrations") and "args" (default (list "wait")) are the
+caller's when given.
 */}}
 {{- define "migration-runner.waitContainer" -}}
-{{- $params := merge (dict "name" "wait-for-migrations" "args" (list "wait")) . }}
+{{- $params := dict "chart" .chart "name" (.name | default "wait-for-migrations") "args" (list "wait") }}
+{{- if hasKey . "args" }}{{ $_ := set $params "args" .args }}{{ end }}
+{{- if hasKey . "command" }}{{ $_ := set $params "command" .command }}{{ end }}
 {{- include "migration-runner.initContainer" $params }}
 {{- end }}
