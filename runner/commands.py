@@ -71,11 +71,7 @@ def upgrade(settings: Settings, report: Report) -> int:
         report.outcome = "current"
         report.message = f"already at heads: {_names(reached)}"
         return EXIT_OK
-    report.outcome = "upgraded"
-    report.message = (f"upgraded: {_names(report.from_revision)} -> {_names(report.to_revision)}, "
-                      f"{_count(len(report.applied), 'revision')} applied, lock wait {report.lock_wait:.1f}s, "
-                      f"total {time.monotonic() - report.started:.1f}s")
-    return EXIT_OK
+    return _moved(report, "upgraded", report.applied, "applied")
 
 
 def downgrade(settings: Settings, report: Report, target: str) -> int:
@@ -97,9 +93,14 @@ def downgrade(settings: Settings, report: Report, target: str) -> int:
         report.outcome = "current"
         report.message = f"already at {goal or 'base'}: nothing to revert"
         return EXIT_OK
-    report.outcome = "downgraded"
-    report.message = (f"downgraded: {_names(report.from_revision)} -> {_names(reached)}, "
-                      f"{_count(len(report.reverted), 'revision')} reverted, lock wait {report.lock_wait:.1f}s, "
+    return _moved(report, "downgraded", report.reverted, "reverted")
+
+
+def _moved(report: Report, outcome: str, moved: list[str], verb: str) -> int:
+    """Exit 0 with the summary of an upgrade or a downgrade that changed the database."""
+    report.outcome = outcome
+    report.message = (f"{outcome}: {_names(report.from_revision)} -> {_names(report.to_revision)}, "
+                      f"{_count(len(moved), 'revision')} {verb}, lock wait {report.lock_wait:.1f}s, "
                       f"total {time.monotonic() - report.started:.1f}s")
     return EXIT_OK
 
