@@ -25,8 +25,11 @@ HELP = {
     "check": "read only: exit 0 at heads, 9 if revisions are pending, 8 if the database is ahead (MIGRATE_ALLOW_AHEAD)",
     "wait": "repeat check until the database is at heads (for an application's init container)",
     "plan": "list what upgrade would apply from the database's state; --sql prints the SQL",
+    "verify": "read only: exit 0 at heads with the schema matching env.py's target_metadata (as alembic check "
+              "compares them) and no invalid index; 10 listing the differences, 9 pending, 8 ahead",
     "heads": "no database: exit 0 with the single head, or 5 listing the heads and the merge command",
     "downgrade": "under the lock, revert the revisions above REVISION (an id, or base); run from the newer image",
+    "lint": "squawk on the offline SQL of each pending revision (or each above --from REV, with no database); 11 on findings",
 }
 
 
@@ -78,6 +81,9 @@ def parser() -> argparse.ArgumentParser:
         _alembic_options(sub, argparse.SUPPRESS)
         if name == "plan":
             sub.add_argument("--sql", action="store_true", help="print the SQL alembic would run (offline mode)")
+        if name == "lint":
+            sub.add_argument("--from", dest="start", metavar="REV",
+                             help="lint every revision above REV (a revision id, or base) without a database")
         if name == "downgrade":
             sub.add_argument("revision", help="the revision to leave the database at (a revision id, or base)")
     return p
@@ -103,6 +109,8 @@ def main(argv: list[str] | None = None) -> int:
             run = functools.partial(run, sql=args.sql)
         if name == "downgrade":
             run = functools.partial(run, target=args.revision)
+        if name == "lint":
+            run = functools.partial(run, start=args.start)
         settings = Settings.from_env()
         settings = settings.model_copy(update=_from_options(settings, args))
         log.setup(settings.log_format, settings.log_level)

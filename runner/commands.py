@@ -1,8 +1,8 @@
 """The runner's commands: each a verb taking the settings first, filling in a Report, returning an exit code.
 
 `upgrade` and `downgrade` write (through `migrate`, under the lock); `check`,
-`wait` and `plan` read through env.py as `alembic current` does and take no
-lock; `heads` needs no database.
+`wait`, `plan` and `verify` read through env.py as `alembic current` does and
+take no lock; `heads` needs no database.
 """
 
 from __future__ import annotations
@@ -18,11 +18,12 @@ import tenacity
 from alembic import command as alembic_command
 from alembic.config import Config
 from alembic.script import ScriptDirectory
-from sqlalchemy.engine import URL
+from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import DBAPIError
 
-from . import database, envpy, guard, lineage, log, migrate, revisions
-from .errors import EXIT_OK, ConfigError, DatabaseUnreachable, PendingRevisions
+from . import database, drift, envpy, guard, lineage, log, migrate, revisions
+from . import lint as lint_
+from .errors import EXIT_OK, ConfigError, DatabaseUnreachable, LintFindings, PendingRevisions, SchemaDrift
 from .lock import advisory_lock
 from .report import Report
 from .settings import Settings
@@ -276,6 +277,47 @@ def plan(settings: Settings, report: Report, sql: bool = False) -> int:
     return EXIT_OK
 
 
+def verify(settings: Settings, report: Report) -> int:
+    """Exit 0 if the database is at the scripts' heads, matches env.py's target_metadata as `alembic check`
+    compares them, and has no invalid index; 10 listing the differences; 9 or 8 as `check`."""
+    url, config, script = _scripts(settings)
+    _connect(settings, url)
+    found = drift.Drift()
+
+    def compare(context, state: revisions.State) -> None:
+        # On env.py's connection, in the run that reads the state: only a database at heads is compared.
+        if state.kind == "current":
+            drift.find(context, found)
+        else:
+            found.has_metadata = context.opts.get("target_metadata") is not None
+
+    state = _read_state_or_fail(config, script, settings, also=compare)
+    _log_state(state)
+    if not found.has_metadata:
+        raise ConfigError("verify: env.py gives context.configure() no target_metadata (it is None), so there are "
+                          "no models to compare the database with; pass the models' MetaData, as `alembic check` "
+                          "needs")
+    code = _judge(state, report, script, settings)  # 9 pending (or legacy), 8 ahead: raised
+    if state.kind == "ahead":  # let through by MIGRATE_ALLOW_AHEAD: these models are older than the schema
+        report.message += "; schema not compared (the models of this image are older than the database)"
+        return code
+    for difference in found.differences:
+        logger.warning("schema drift: %s", difference, extra={"difference": difference})
+    for index in found.invalid_indexes:
+        logger.warning("invalid index %s: PostgreSQL maintains it on every write but never uses it (a failed "
+                       "CREATE INDEX CONCURRENTLY leaves one): drop it and create it again", index,
+                       extra={"invalid_index": index})
+    problems = found.differences + [f"invalid index {index}" for index in found.invalid_indexes]
+    if problems:
+        raise SchemaDrift(f"at heads {_names(state.current)}, but the database differs from env.py's "
+                          f"target_metadata or has invalid indexes ({_count(len(problems), 'finding')}): "
+                          + "; ".join(problems))
+    report.outcome = "verified"
+    report.message = (f"verified: at heads {_names(state.current)}; the schema matches env.py's target_metadata "
+                      f"and no index is invalid")
+    return EXIT_OK
+
+
 def heads(settings: Settings, report: Report) -> int:
     """Exit 0 naming the single head, or 5 listing the heads; needs no database."""
     config = revisions.load_config(settings.alembic_config, section=settings.alembic_section,
@@ -288,7 +330,67 @@ def heads(settings: Settings, report: Report) -> int:
     return EXIT_OK
 
 
-COMMANDS = {"upgrade": upgrade, "check": check, "wait": wait, "plan": plan, "heads": heads, "downgrade": downgrade}
+
+def lint(settings: Settings, report: Report, start: str | None = None) -> int:
+    """Lint with squawk alembic's offline SQL of each pending revision (each above `start`, with no database);
+    exit 11 on findings."""
+    lint_.squawk()  # before any work: a missing extra is exit 2 at once
+    if start is None:
+        url, config, script = _scripts(settings)
+        _connect(settings, url)
+        state = _read_state_or_fail(config, script, settings)
+        _log_state(state)
+        report.from_revision = state.current
+        if state.kind == "ahead":
+            _let_ahead_through(settings, state, script)
+            targets = []
+        elif state.kind == "legacy" and settings.baseline_revision not in (None, "base"):
+            baseline = revisions.refuse_legacy(state, settings.baseline_revision, script)
+            targets = revisions.pending_revisions(script, (baseline,))
+        else:
+            targets = state.pending
+    else:
+        config, script = _offline_scripts(settings)
+        targets = revisions.above(script, revisions.downgrade_target(script, start, "lint --from"))
+    report.pending = [revision.revision for revision in targets]
+    exclude = [*lint_.RUNNER_MAKES_MOOT, *settings.lint_exclusions()]
+    if settings.ddl_lock_timeout is None:
+        logger.warning("require-lock-timeout is off: the runner sets lock_timeout from MIGRATE_DDL_LOCK_TIMEOUT, "
+                       "which is not set; set it so that DDL gives up instead of queueing behind live traffic")
+    with revisions._quiet():
+        found, failed = lint_.lint_revisions(config, script, targets, exclude)
+    for item in failed:
+        logger.warning("%s (%s) not linted: %s", item.revision, item.title, item.failure,
+                       extra={"revision": item.revision})
+    for finding in found:
+        logger.warning("%s", finding, extra={"revision": finding.revision, "rule": finding.rule, "line": finding.line})
+    unlinted = (f"; {_count(len(failed), 'revision')} not linted (cannot be rendered offline): "
+                f"{', '.join(item.revision for item in failed)}") if failed else ""
+    if found:
+        where = sorted({finding.revision for finding in found}, key=report.pending.index)
+        raise LintFindings(f"{_count(len(found), 'finding')} in {', '.join(where)} "
+                           f"({', '.join(sorted({finding.rule for finding in found}))}){unlinted}")
+    report.outcome = "linted"
+    report.message = f"lint: {_count(len(targets), 'revision')}, no findings{unlinted}"
+    return EXIT_OK
+
+
+def _offline_scripts(settings: Settings) -> tuple[Config, ScriptDirectory]:
+    """alembic's config and the scripts for offline SQL: DATABASE_URL's dialect if it is set, else a placeholder,
+    since nothing connects."""
+    given = settings.url() if settings.database_url or settings.database_url_file else make_url(
+        "postgresql+psycopg://lint@localhost/lint")
+    log.add_secret(given.password)
+    config = revisions.load_config(settings.alembic_config, given, section=settings.alembic_section,
+                                   x_args=settings.x_arguments())
+    script = revisions.load_scripts(config)
+    if not settings.allow_multiple_heads:
+        revisions.check_single_head(script)
+    return config, script
+
+
+COMMANDS = {"upgrade": upgrade, "check": check, "wait": wait, "plan": plan, "verify": verify, "heads": heads,
+            "downgrade": downgrade, "lint": lint}
 
 
 # -- shared steps -----------------------------------------------------------------------
@@ -359,9 +461,9 @@ def _judge(state: revisions.State, report: Report, script: ScriptDirectory, sett
     raise PendingRevisions(f"{_count(len(pending), 'revision')} pending at {_names(state.current)}: {described}")
 
 
-def _read_state(config: Config, script: ScriptDirectory, settings: Settings) -> revisions.State:
+def _read_state(config: Config, script: ScriptDirectory, settings: Settings, also=None) -> revisions.State:
     """The database's state as env.py sees it; the MIGRATE_ version table variables, if set, must agree."""
-    return revisions.database_state(config, script, **_expected_version_table(settings))
+    return revisions.database_state(config, script, also=also, **_expected_version_table(settings))
 
 
 def _expected_version_table(settings: Settings) -> dict[str, str | None]:
@@ -371,11 +473,12 @@ def _expected_version_table(settings: Settings) -> dict[str, str | None]:
             "version_table_schema": settings.version_table_schema if "version_table_schema" in explicit else None}
 
 
-def _read_state_or_fail(config: Config, script: ScriptDirectory, settings: Settings) -> revisions.State:
+def _read_state_or_fail(config: Config, script: ScriptDirectory, settings: Settings,
+                        also=None) -> revisions.State:
     """`_read_state` for the read-only commands, env.py's connections tagged, failures as RunnerErrors."""
     try:
         with database.tagged():
-            return _read_state(config, script, settings)
+            return _read_state(config, script, settings, also)
     except Exception as e:
         raise envpy.failure(e) from None
 

@@ -11,7 +11,9 @@ one log line and its ``exit_code``. Anything else escaping is a bug (exit 1).
     ├── LegacyDatabase         6  tables but no version table, and no usable baseline
     ├── RevisionFailed         7  a revision raised; the database is left consistent
     ├── DatabaseAhead          8  the database names revisions the scripts do not know (not let through)
-    └── PendingRevisions       9  `check`/`wait`: revisions are not applied yet
+    ├── PendingRevisions       9  `check`/`wait`/`verify`: revisions are not applied yet
+    ├── SchemaDrift           10  `verify`: the schema differs from env.py's models, or an index is invalid
+    └── LintFindings          11  `lint`: squawk found statements that lock or break what runs
     Interrupted  130 / 143        SIGINT / SIGTERM (a KeyboardInterrupt, so that
                                   psycopg cancels the statement in flight)
 
@@ -91,8 +93,23 @@ class PendingRevisions(RunnerError):
     """Read-only commands: the database is not at the scripts' heads yet."""
 
     exit_code = 9
-    meaning = "`check`/`wait`: revisions are pending"
+    meaning = "`check`/`wait`/`verify`: revisions are pending"
     retryable = True
+
+
+class SchemaDrift(RunnerError):
+    """`verify`: at heads, but the schema differs from env.py's target_metadata or has an invalid index."""
+
+    exit_code = 10
+    meaning = ("`verify`: the schema differs from env.py's target_metadata (as `alembic check` compares them), or "
+               "an index is invalid (a failed CREATE INDEX CONCURRENTLY)")
+
+
+class LintFindings(RunnerError):
+    """`lint`: squawk found problems in the SQL of the revisions linted."""
+
+    exit_code = 11
+    meaning = "`lint`: squawk found statements that block traffic or break running code in the revisions' SQL"
 
 
 class Interrupted(KeyboardInterrupt):
@@ -116,6 +133,8 @@ ERRORS: tuple[type[RunnerError], ...] = (
     RevisionFailed,
     DatabaseAhead,
     PendingRevisions,
+    SchemaDrift,
+    LintFindings,
 )
 
 EXIT_OK = 0

@@ -169,17 +169,20 @@ class State:
 
 
 def database_state(config: Config, script: ScriptDirectory, *, version_table: str | None = None,
-                   version_table_schema: str | None = None) -> State:
+                   version_table_schema: str | None = None, also=None) -> State:
     """The database as env.py sees it, read by running env.py as `alembic current` does (dont_mutate).
 
     env.py's own engine, driver, search_path and version table options decide where
     the version table is. `version_table`/`version_table_schema`, when given (the
-    MIGRATE_ variables were set), must agree with env.py.
+    MIGRATE_ variables were set), must agree with env.py. `also(context, state)`, if
+    given, reads more on env.py's MigrationContext in the same run (`verify`).
     """
     found: list[State] = []
 
     def read(heads, context) -> list:
         found.append(observe(context, script, version_table=version_table, version_table_schema=version_table_schema))
+        if also is not None:
+            also(context, found[-1])
         return []
 
     with _quiet():
@@ -312,19 +315,26 @@ def _lineage_of(script: ScriptDirectory, revisions_: tuple[str, ...]) -> set[str
     return {r.revision for revision in revisions_ for r in script.iterate_revisions(revision, "base")}
 
 
-def downgrade_target(script: ScriptDirectory, target: str) -> str | None:
-    """The full id of a downgrade target given as a revision id (or a unique prefix of one); None for base."""
+def above(script: ScriptDirectory, revision: str | None) -> list:
+    """Every revision of the scripts not at or beneath `revision` (None: base), oldest first."""
+    beneath = _lineage_of(script, (revision,)) if revision else set()
+    return [r for r in reversed(list(script.walk_revisions())) if r.revision not in beneath]
+
+
+def downgrade_target(script: ScriptDirectory, target: str, command: str = "downgrade") -> str | None:
+    """The full id of a downgrade (or lint --from) target given as a revision id (or a unique prefix of one);
+    None for base."""
     if target == "base":
         return None
     if target in ("head", "heads") or target.startswith(("-", "+")) or any(c in target for c in ":@"):
-        raise ConfigError(f"downgrade {target}: give a revision id of the scripts, or base (relative and symbolic "
+        raise ConfigError(f"{command} {target}: give a revision id of the scripts, or base (relative and symbolic "
                           f"targets are refused: the target should be read in the command that runs)")
     try:
         revision = script.get_revision(target)
     except CommandError as e:
-        raise ConfigError(f"downgrade {target}: not a revision of the scripts in {script.dir} ({e})") from None
+        raise ConfigError(f"{command} {target}: not a revision of the scripts in {script.dir} ({e})") from None
     if revision is None:
-        raise ConfigError(f"downgrade {target}: not a revision of the scripts in {script.dir}")
+        raise ConfigError(f"{command} {target}: not a revision of the scripts in {script.dir}")
     return revision.revision
 
 

@@ -105,6 +105,10 @@ class Settings(BaseSettings):
         description="text or json; default text on a terminal, json otherwise.")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
         "INFO", alias="MIGRATE_LOG_LEVEL", description="DEBUG, INFO, WARNING or ERROR.")
+    lint_exclude: str | None = Field(
+        None, alias="MIGRATE_LINT_EXCLUDE",
+        description="squawk rules `lint` leaves out, comma- or whitespace-separated, besides those the runner makes "
+                    "moot (require-lock-timeout, require-statement-timeout, require-timeout-settings).")
     quit_urls: str | None = Field(
         None, alias="MIGRATE_QUIT_URLS",
         description="http(s) URLs, whitespace- or comma-separated, POSTed once each as the runner exits, whatever "
@@ -148,6 +152,10 @@ class Settings(BaseSettings):
     def x_arguments(self) -> list[str]:
         """ALEMBIC_X_ARGS as the list alembic's `-x` options make."""
         return (self.alembic_x_args or "").split()
+
+    def lint_exclusions(self) -> list[str]:
+        """MIGRATE_LINT_EXCLUDE as a list of squawk rule names."""
+        return (self.lint_exclude or "").replace(",", " ").split()
 
     def quit_url_list(self) -> list[str]:
         """MIGRATE_QUIT_URLS as a list."""
