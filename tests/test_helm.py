@@ -195,6 +195,8 @@ COMBINATIONS = {
                  "networkPolicy": {"enabled": True, "databasePort": 6432,
                                    "databasePeers": [{"ipBlock": {"cidr": "10.0.0.0/8"}}]}},
     "openshift": {"global": {"compatibility": {"openshift": {"adaptSecurityContext": "force"}}}},
+    "verify-cronjob": {"verifyCronJob": {"enabled": True, "timeZone": "Europe/Berlin"},
+                       "migrations": {"source": "configMap", "files": {"alembic.ini": "[alembic]\n"}}},
 }
 
 
@@ -207,7 +209,7 @@ def lint_problems(path: Path, values: dict | None = None, **options) -> list:
 def test_lint_is_clean():
     assert lint_problems(CHART) == []
     for name in ("hook-url", "job-configMap", "argocd-existingSecret", "scheduling", "extensions", "sidecars",
-                 "openshift", "odd-names"):
+                 "openshift", "odd-names", "verify-cronjob"):
         assert lint_problems(CHART, deep_merge(BASE, COMBINATIONS[name])) == [], name
     assert lint_problems(PARENT, with_subcharts=True) == []
     # The oldest Kubernetes the chart claims (kubeVersion) and the newest.
@@ -463,7 +465,8 @@ def test_notes_name_the_fatal_codes():
 def test_every_runner_variable_is_settable_from_values():
     values = deep_merge(COMBINATIONS["all-config"], {"migrations": {"alembicConfig": "/app/db/alembic.ini"}})
     env = env_of(container(render(values)))
-    wanted = {name for name, _, _ in variables()} - {"DATABASE_URL"}  # the URL only ever comes as a file
+    # The URL only ever comes as a file; `lint` runs in CI, not in the cluster.
+    wanted = {name for name, _, _ in variables()} - {"DATABASE_URL", "MIGRATE_LINT_EXCLUDE"}
     assert wanted <= set(env), wanted - set(env)
     assert env["MIGRATE_WAIT_TIMEOUT"] == "30"
     assert env["MIGRATE_LOCK_TIMEOUT"] == "600.5"
@@ -1372,3 +1375,204 @@ def test_job_name_hash_ignores_every_query_parameter_that_may_hold_a_secret():
     # An unencoded "?" in the password keeps no part of it.
     assert job_name({"database": {"url": URL.replace("s3cret", "s3?cret")}}) == \
         job_name({"database": {"url": URL.replace("s3cret", "s4?cret")}})
+
+
+# -- verifyCronJob: `migration-runner verify` on a schedule ------------------------------------------------
+HOOK_PREFIXES = ("helm.sh/hook", "argocd.argoproj.io/hook", "argocd.argoproj.io/sync-wave")
+
+
+def verify_docs(values: dict | None = None, **options) -> list[dict]:
+    return render(deep_merge({"verifyCronJob": {"enabled": True}}, values or {}), **options)
+
+
+def cron_pod(cron_job: dict) -> dict:
+    return cron_job["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+
+
+def cron_container(cron_job: dict) -> dict:
+    (c,) = [c for c in cron_pod(cron_job)["containers"] if c["name"] == CONTAINER]
+    return c
+
+
+def is_hook(doc: dict) -> bool:
+    return any(key.startswith(HOOK_PREFIXES) for key in annotations(doc))
+
+
+@pytest.mark.parametrize("mode", ["hook", "argocd", "job"])
+def test_verify_cronjob_is_off_by_default(mode):
+    assert "CronJob" not in kinds(render({"mode": mode}, tests=True))
+    assert "CronJob" not in kinds(render({"mode": mode, "job": {"enabled": False}}, tests=True))
+
+
+VERIFY_SOURCES = {
+    "url": {},
+    "existingSecret": {"database": {"url": "", "existingSecret": "db", "existingSecretKey": "DATABASE_URL"}},
+    "configMap": {"migrations": {"source": "configMap", "files": {"alembic.ini": "[alembic]\n"}}},
+    "existingConfigMap": {"migrations": {"source": "configMap", "existingConfigMap": "shop-migrations"}},
+}
+
+
+@pytest.mark.parametrize("job_enabled", [True, False])
+@pytest.mark.parametrize("source", sorted(VERIFY_SOURCES))
+@pytest.mark.parametrize("mode", ["hook", "argocd", "job"])
+def test_verify_cronjob_is_an_ordinary_resource_that_mounts_ordinary_resources(mode, source, job_enabled):
+    """One valid CronJob running `verify`, with no hook annotation, whose pod mounts the Secret and ConfigMap that
+    live as long as the release (rendered in the same release as ordinary resources, or the user's own), never the
+    Job's hook copies, which Helm and Argo CD delete after the hook."""
+    values = deep_merge(VERIFY_SOURCES[source], {"mode": mode, "job": {"enabled": job_enabled}})
+    docs = verify_docs(values, tests=True)
+    cron_job = only(docs, "CronJob")
+    validate(cron_job)
+    assert len(cron_job["metadata"]["name"]) <= 52
+    assert cron_job["apiVersion"] == "batch/v1"
+    assert cron_job["metadata"]["name"] == "shop-migration-runner-verify"
+    assert not is_hook(cron_job) and not annotations(cron_job)
+    for labels in (cron_job["metadata"]["labels"], cron_job["spec"]["jobTemplate"]["metadata"]["labels"],
+                   cron_job["spec"]["jobTemplate"]["spec"]["template"]["metadata"]["labels"]):
+        assert labels["app.kubernetes.io/component"] == "verify"
+        assert labels["app.kubernetes.io/name"] == "migration-runner"
+        assert labels["app.kubernetes.io/instance"] == "shop"
+    assert cron_job["metadata"]["labels"]["app.kubernetes.io/managed-by"] == "Helm"
+    pod, c = cron_pod(cron_job), cron_container(cron_job)
+    assert c["args"] == ["verify"]
+    assert pod["restartPolicy"] == "Never"
+    # The same Job spec as the migration Job would have otherwise, without its retries.
+    assert cron_job["spec"]["jobTemplate"]["spec"]["backoffLimit"] == 0
+    assert "podFailurePolicy" not in cron_job["spec"]["jobTemplate"]["spec"]
+    ordinary = {(d["kind"], d["metadata"]["name"]) for d in docs if not is_hook(d)}
+    (secret,) = [v["secret"] for v in pod["volumes"] if "secret" in v]
+    if source == "existingSecret":
+        assert (secret["secretName"], secret["items"][0]["key"]) == ("db", "DATABASE_URL")
+    else:
+        assert ("Secret", secret["secretName"]) in ordinary
+        assert mounted(docs, "Secret", pod)["metadata"]["name"] == "shop-migration-runner-db-url"
+    config_maps = [v["configMap"] for v in pod["volumes"] if "configMap" in v]
+    if source == "configMap":
+        assert ("ConfigMap", config_maps[0]["name"]) in ordinary
+        assert not is_hook(mounted(docs, "ConfigMap", pod))
+    elif source == "existingConfigMap":
+        assert [m["name"] for m in config_maps] == ["shop-migrations"]
+    else:
+        assert config_maps == []
+    # Its ServiceAccount exists as an ordinary resource, is one the user manages, or is the namespace's default.
+    account = pod.get("serviceAccountName")
+    if account is not None:
+        assert ("ServiceAccount", account) in ordinary
+    else:
+        assert mode != "job" or not job_enabled
+    for doc in docs:
+        validate(doc)
+
+
+def test_verify_cronjob_pod_is_the_jobs_pod():
+    """Everything that makes the Job's pod reach the database reaches the CronJob's pod: in mode job, where both
+    mount the same ordinary resources, the pods differ only in the component label and the runner's args."""
+    values = deep_merge(COMBINATIONS["extensions"], {
+        "mode": "job", "sidecars": [{"name": "istio-proxy", "image": "istio/proxyv2:1.24.0"}],
+        "config": {"quitUrls": QUIT}, "migrations": {"source": "configMap", "files": {"alembic.ini": ""}},
+        "podAnnotations": {"example.com/team": "db"}, "nodeSelector": {"pool": "batch"},
+        "global": {"compatibility": {"openshift": {"adaptSecurityContext": "force"}}}})
+    docs = verify_docs(values)
+    job_template = only(docs, "Job")["spec"]["template"]
+    cron_template = only(docs, "CronJob")["spec"]["jobTemplate"]["spec"]["template"]
+    validate(only(docs, "CronJob"))
+    assert cron_template["metadata"]["labels"] == dict(job_template["metadata"]["labels"],
+                                                       **{"app.kubernetes.io/component": "verify"})
+    assert cron_template["metadata"]["annotations"] == job_template["metadata"]["annotations"]
+    job_pod, cron_pod_spec = json.loads(json.dumps(job_template["spec"])), cron_template["spec"]
+    (runner,) = [c for c in job_pod["containers"] if c["name"] == CONTAINER]
+    runner["args"] = ["verify"]
+    assert cron_pod_spec == job_pod
+    assert [c["name"] for c in cron_pod_spec["containers"]] == [CONTAINER, "istio-proxy"]
+    assert [c["name"] for c in cron_pod_spec["initContainers"]] == ["cloud-sql-proxy"]
+    assert "runAsUser" not in cron_pod_spec["securityContext"]  # OpenShift's adaptation too
+
+
+def test_verify_cronjob_in_hook_mode_differs_from_the_job_only_in_what_outlives_the_hook():
+    values = {"migrations": {"source": "configMap", "files": {"alembic.ini": ""}},
+              "initContainers": [{"name": "proxy", "image": "proxy:1", "restartPolicy": "Always"}]}
+    docs = verify_docs(values)
+    job_pod, pod = pod_spec(docs), cron_pod(only(docs, "CronJob"))
+    assert is_hook(mounted(docs, "Secret")) and is_hook(mounted(docs, "ConfigMap"))
+    assert not is_hook(mounted(docs, "Secret", pod)) and not is_hook(mounted(docs, "ConfigMap", pod))
+    # The chart's ServiceAccount is a hook, deleted after the Job: the namespace's default one instead.
+    assert is_hook(only(docs, "ServiceAccount")) and "serviceAccountName" not in pod
+    assert cron_pod(only(verify_docs(deep_merge(values, {"serviceAccount": {"create": False, "name": "migrator"}})),
+                             "CronJob"))["serviceAccountName"] == "migrator"
+    for key in ("initContainers", "securityContext", "automountServiceAccountToken", "restartPolicy"):
+        assert pod[key] == job_pod[key], key
+    assert cron_container(only(docs, "CronJob"))["image"] == container(docs)["image"]
+    assert cron_container(only(docs, "CronJob"))["env"] == container(docs)["env"]
+
+
+def test_verify_cronjob_honours_schedule_suspend_time_zone_and_limits():
+    spec = only(verify_docs(), "CronJob")["spec"]
+    assert spec["schedule"] == "17 3 * * *" and spec["suspend"] is False and "timeZone" not in spec
+    assert spec["concurrencyPolicy"] == "Forbid"
+    assert spec["jobTemplate"]["spec"]["activeDeadlineSeconds"] == 600
+    cron_job = only(verify_docs({"verifyCronJob": {
+        "schedule": "*/30 * * * *", "suspend": True, "timeZone": "Europe/Berlin", "concurrencyPolicy": "Replace",
+        "successfulJobsHistoryLimit": 2, "failedJobsHistoryLimit": 5, "backoffLimit": 1,
+        "activeDeadlineSeconds": None}}), "CronJob")
+    validate(cron_job)
+    spec = cron_job["spec"]
+    assert (spec["schedule"], spec["suspend"], spec["timeZone"], spec["concurrencyPolicy"]) == \
+        ("*/30 * * * *", True, "Europe/Berlin", "Replace")
+    assert (spec["successfulJobsHistoryLimit"], spec["failedJobsHistoryLimit"]) == (2, 5)
+    assert spec["jobTemplate"]["spec"]["backoffLimit"] == 1
+    assert "activeDeadlineSeconds" not in spec["jobTemplate"]["spec"]
+
+
+def test_verify_cronjob_gets_the_quit_urls_exactly_where_the_job_does():
+    """Its runner is its pod's last work, as in the Job: the quit URLs stop the sidecars so that each run completes.
+    Without config.quitUrls nothing is set, sidecars or not."""
+    sidecars = [{"name": "cloud-sql-proxy", "image": "gcr.io/cloud-sql-connectors/cloud-sql-proxy:2.14.0"}]
+    for values in ({}, {"sidecars": sidecars}, {"job": {"enabled": False}, "sidecars": sidecars}):
+        assert "MIGRATE_QUIT_URLS" not in env_of(cron_container(only(verify_docs(values), "CronJob"))), values
+    for values in ({"sidecars": sidecars}, {"job": {"enabled": False}, "sidecars": sidecars},
+                   {"disableIstioSidecar": False}):  # Istio's injected proxy: README "Istio with sidecars"
+        docs = verify_docs(deep_merge(values, {"config": {"quitUrls": QUIT}}), tests=True)
+        assert env_of(cron_container(only(docs, "CronJob")))["MIGRATE_QUIT_URLS"] == QUIT, values
+        # Still never in the helm test pod.
+        for pod in [d for d in docs if d["kind"] == "Pod"]:
+            assert "MIGRATE_QUIT_URLS" not in env_of(pod["spec"]["containers"][0])
+
+
+def test_verify_cronjob_name_stays_valid_and_distinct_when_long():
+    names = set()
+    for values in ({"fullnameOverride": "a" * 70 + "-one"}, {"fullnameOverride": "a" * 70 + "-two"},
+                   {"fullnameOverride": "Shop_DB.Migrate-"}, {"nameOverride": "dbMigrations"}):
+        cron_job = only(verify_docs(values), "CronJob")
+        validate(cron_job)
+        name = cron_job["metadata"]["name"]
+        assert len(name) <= 52 and name.endswith("-verify"), name  # the CronJob limit: Jobs get 11 more
+        names.add(name)
+    assert len(names) == 4, names
+    assert "shop-db-migrate-verify" in names
+    assert only(verify_docs({"fullnameOverride": "x" * 45}), "CronJob")["metadata"]["name"] == "x" * 45 + "-verify"
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"verifyCronJob": {"enabled": True, "bogus": 1}}, "additional properties 'bogus' not allowed"),
+    ({"verifyCronJob": {"concurrencyPolicy": "Never"}}, "/verifyCronJob/concurrencyPolicy"),
+    ({"verifyCronJob": {"schedule": ""}}, "/verifyCronJob/schedule"),
+    ({"verifyCronJob": {"timeZone": "Europe Berlin"}}, "/verifyCronJob/timeZone"),
+    ({"verifyCronJob": {"backoffLimit": -1}}, "/verifyCronJob/backoffLimit"),
+    ({"verifyCronJob": None}, "missing property 'verifyCronJob'"),
+])
+def test_schema_refuses_bad_verify_cronjob_values(values, message):
+    assert message in render_error(values)
+
+
+def test_verify_cronjob_in_the_notes_and_the_readme():
+    assert "CronJob" not in notes()
+    text = notes({"verifyCronJob": {"enabled": True}, "job": {"enabled": False}})
+    assert "shop-migration-runner-verify" in text and "exit 10" in text
+    readme = (CHART / "README.md").read_text()
+    section = readme.split("## Drift checks on a schedule", 1)[1].split("\n## ", 1)[0]
+    for needle in ("verifyCronJob.enabled", "exit 10", "termination message", "ordinary", "quitUrls"):
+        assert needle in section, needle
+    values = yaml.safe_load(re.search(r"```yaml\n(.*?)```", section, re.S).group(1))
+    cron_job = only(render(values), "CronJob")
+    validate(cron_job)
+    assert cron_job["spec"]["timeZone"] == "Europe/Berlin"

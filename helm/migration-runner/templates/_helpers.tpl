@@ -72,9 +72,13 @@ label whatever the alias, nameOverride or fullnameOverride.
 {{- $full }}
 {{- end }}
 
-{{/* The full name and a suffix, at most 63 characters together (the suffix kept whole). */}}
+{{/*
+The full name and a suffix, at most .max characters together (default 63; the
+suffix kept whole, the full name cut with a hash when too long).
+*/}}
 {{- define "migration-runner.suffixedName" -}}
-{{- $base := include "migration-runner.dnsLabel" (dict "name" (include "migration-runner.fullname" .context) "max" (sub 62 (len .suffix))) }}
+{{- $max := int (.max | default 63) }}
+{{- $base := include "migration-runner.dnsLabel" (dict "name" (include "migration-runner.fullname" .context) "max" (sub (sub $max 1) (len .suffix))) }}
 {{- printf "%s-%s" $base .suffix }}
 {{- end }}
 
@@ -180,6 +184,20 @@ restricted-v2 assigns its own): global.compatibility.openshift.adaptSecurityCont
 {{- default (include "migration-runner.fullname" .) $sa.name }}
 {{- else }}
 {{- default "default" $sa.name }}
+{{- end }}
+{{- end }}
+
+{{/*
+The ServiceAccount of pods that outlive the hooks (the verify CronJob's): the
+chart's own only where it is an ordinary resource (mode job, with the Job);
+serviceAccount.name (or "default") when serviceAccount.create is false; empty
+(the namespace's default) where the chart's is a hook, deleted after the Job,
+or not rendered at all.
+*/}}
+{{- define "migration-runner.ordinaryServiceAccountName" -}}
+{{- $sa := .Values.serviceAccount | default dict }}
+{{- if or (not $sa.create) (and .Values.job.enabled (eq .Values.mode "job")) }}
+{{- include "migration-runner.serviceAccountName" . }}
 {{- end }}
 {{- end }}
 
@@ -372,7 +390,8 @@ a percent-encoded "pass%77ord" is dropped like "password").
 {{/*
 Environment variables: each runner setting from values (the names are the
 runner's, see runner/settings.py). Arguments (a dict): context, and job (true
-only for the migration Job's runner container): MIGRATE_QUIT_URLS is set only
+only for the runner of the chart's own pods, the migration Job's and the verify
+CronJob's, where it is the pod's last work): MIGRATE_QUIT_URLS is set only
 there, since the runner POSTs those URLs as every command exits, and an
 application pod's init or wait container, or the helm test pod, would stop the
 pod's own proxies.
@@ -507,7 +526,7 @@ The runner container. Arguments (a dict):
   name     the container name (default "migration-runner")
   command  overrides values "command" (a list; empty keeps the image's ENTRYPOINT)
   args     overrides values "args" (a list, e.g. (list "wait"))
-  job      true only for the migration Job's runner (config.quitUrls is for it alone)
+  job      true only for the runner of the migration Job and the verify CronJob (config.quitUrls is for them alone)
 */}}
 {{- define "migration-runner.container" -}}
 {{- $ctx := .context }}
@@ -541,6 +560,92 @@ The runner container. Arguments (a dict):
   {{- with include "migration-runner.securityContext" (dict "context" $ctx "sc" $v.securityContext) }}
   securityContext:
     {{- . | nindent 4 }}
+  {{- end }}
+{{- end }}
+
+{{/*
+The pod template of the runner's own pods (the migration Job's, the verify
+CronJob's). Arguments (a dict):
+  context    the chart context (required)
+  component  the app.kubernetes.io/component label of the pod
+  job        true only for the migration Job: its ServiceAccount and, in modes
+             hook and argocd, the hook copies of the Secret and ConfigMap; other
+             pods mount the ordinary ones, which outlive the hooks
+  quitUrls   pass config.quitUrls to the runner (default: job)
+  args       overrides values "args" (a list)
+*/}}
+{{- define "migration-runner.podTemplate" -}}
+{{- $ctx := .context }}
+{{- $v := $ctx.Values }}
+{{- $forJob := .job | default false }}
+{{- $container := dict "context" $ctx "job" (hasKey . "quitUrls" | ternary .quitUrls $forJob) }}
+{{- if hasKey . "args" }}{{ $_ := set $container "args" .args }}{{ end -}}
+metadata:
+  {{- $labels := include "migration-runner.selectorLabels" $ctx | fromYaml }}
+  {{- $_ := set $labels "app.kubernetes.io/component" .component }}
+  {{- if $v.disableIstioSidecar }}
+  {{- $_ := set $labels "sidecar.istio.io/inject" "false" }}
+  {{- end }}
+  {{- $labels = merge $labels ($v.podLabels | default dict) ($v.commonLabels | default dict) }}
+  labels:
+    {{- toYaml $labels | nindent 4 }}
+  {{- $podAnnotations := dict }}
+  {{- if $v.disableIstioSidecar }}
+  {{- $_ := set $podAnnotations "sidecar.istio.io/inject" "false" }}
+  {{- end }}
+  {{- $podAnnotations = merge $podAnnotations ($v.podAnnotations | default dict) }}
+  {{- with $podAnnotations }}
+  annotations:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+spec:
+  restartPolicy: Never
+  {{- if $forJob }}
+  serviceAccountName: {{ include "migration-runner.serviceAccountName" $ctx | quote }}
+  {{- else if include "migration-runner.ordinaryServiceAccountName" $ctx }}
+  serviceAccountName: {{ include "migration-runner.ordinaryServiceAccountName" $ctx | quote }}
+  {{- end }}
+  automountServiceAccountToken: {{ eq (toString $v.automountServiceAccountToken) "true" }}
+  {{- with $v.priorityClassName }}
+  priorityClassName: {{ . | quote }}
+  {{- end }}
+  {{- if not (kindIs "invalid" $v.terminationGracePeriodSeconds) }}
+  terminationGracePeriodSeconds: {{ $v.terminationGracePeriodSeconds }}
+  {{- end }}
+  {{- with include "migration-runner.imagePullSecrets" $ctx | trim }}
+  imagePullSecrets:
+    {{- . | nindent 4 }}
+  {{- end }}
+  {{- with include "migration-runner.securityContext" (dict "context" $ctx "sc" $v.podSecurityContext) }}
+  securityContext:
+    {{- . | nindent 4 }}
+  {{- end }}
+  {{- with $v.initContainers }}
+  initContainers:
+    {{- tpl (toYaml .) $ctx | nindent 4 }}
+  {{- end }}
+  containers:
+    {{- include "migration-runner.container" $container | trim | nindent 4 }}
+    {{- with $v.sidecars }}
+    {{- tpl (toYaml .) $ctx | nindent 4 }}
+    {{- end }}
+  volumes:
+    {{- include "migration-runner.volumes" (dict "chart" $ctx "defaultMode" 0440 "job" $forJob) | trim | nindent 4 }}
+  {{- with $v.nodeSelector }}
+  nodeSelector:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  {{- with $v.tolerations }}
+  tolerations:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  {{- with $v.affinity }}
+  affinity:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  {{- with $v.topologySpreadConstraints }}
+  topologySpreadConstraints:
+    {{- tpl (toYaml .) $ctx | nindent 4 }}
   {{- end }}
 {{- end }}
 
@@ -586,69 +691,7 @@ podFailurePolicy:
           status: "True"
 {{- end }}
 template:
-  metadata:
-    {{- $labels := include "migration-runner.selectorLabels" . | fromYaml }}
-    {{- $_ := set $labels "app.kubernetes.io/component" "migration" }}
-    {{- if .Values.disableIstioSidecar }}
-    {{- $_ := set $labels "sidecar.istio.io/inject" "false" }}
-    {{- end }}
-    {{- $labels = merge $labels (.Values.podLabels | default dict) (.Values.commonLabels | default dict) }}
-    labels:
-      {{- toYaml $labels | nindent 6 }}
-    {{- $podAnnotations := dict }}
-    {{- if .Values.disableIstioSidecar }}
-    {{- $_ := set $podAnnotations "sidecar.istio.io/inject" "false" }}
-    {{- end }}
-    {{- $podAnnotations = merge $podAnnotations (.Values.podAnnotations | default dict) }}
-    {{- with $podAnnotations }}
-    annotations:
-      {{- toYaml . | nindent 6 }}
-    {{- end }}
-  spec:
-    restartPolicy: Never
-    serviceAccountName: {{ include "migration-runner.serviceAccountName" . | quote }}
-    automountServiceAccountToken: {{ eq (toString .Values.automountServiceAccountToken) "true" }}
-    {{- with .Values.priorityClassName }}
-    priorityClassName: {{ . | quote }}
-    {{- end }}
-    {{- if not (kindIs "invalid" .Values.terminationGracePeriodSeconds) }}
-    terminationGracePeriodSeconds: {{ .Values.terminationGracePeriodSeconds }}
-    {{- end }}
-    {{- with include "migration-runner.imagePullSecrets" . | trim }}
-    imagePullSecrets:
-      {{- . | nindent 6 }}
-    {{- end }}
-    {{- with include "migration-runner.securityContext" (dict "context" . "sc" .Values.podSecurityContext) }}
-    securityContext:
-      {{- . | nindent 6 }}
-    {{- end }}
-    {{- with .Values.initContainers }}
-    initContainers:
-      {{- tpl (toYaml .) $ | nindent 6 }}
-    {{- end }}
-    containers:
-      {{- include "migration-runner.container" (dict "context" . "job" true) | trim | nindent 6 }}
-      {{- with .Values.sidecars }}
-      {{- tpl (toYaml .) $ | nindent 6 }}
-      {{- end }}
-    volumes:
-      {{- include "migration-runner.volumes" (dict "chart" . "defaultMode" 0440 "job" true) | trim | nindent 6 }}
-    {{- with .Values.nodeSelector }}
-    nodeSelector:
-      {{- toYaml . | nindent 6 }}
-    {{- end }}
-    {{- with .Values.tolerations }}
-    tolerations:
-      {{- toYaml . | nindent 6 }}
-    {{- end }}
-    {{- with .Values.affinity }}
-    affinity:
-      {{- toYaml . | nindent 6 }}
-    {{- end }}
-    {{- with .Values.topologySpreadConstraints }}
-    topologySpreadConstraints:
-      {{- tpl (toYaml .) $ | nindent 6 }}
-    {{- end }}
+  {{- include "migration-runner.podTemplate" (dict "context" . "component" "migration" "job" true) | trim | nindent 2 }}
 {{- end }}
 
 {{/*
