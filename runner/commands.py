@@ -330,7 +330,6 @@ def heads(settings: Settings, report: Report) -> int:
     return EXIT_OK
 
 
-
 def lint(settings: Settings, report: Report, start: str | None = None) -> int:
     """Lint with squawk alembic's offline SQL of each pending revision (each above `start`, with no database);
     exit 11 on findings."""
@@ -380,13 +379,7 @@ def _offline_scripts(settings: Settings) -> tuple[Config, ScriptDirectory]:
     since nothing connects."""
     given = settings.url() if settings.database_url or settings.database_url_file else make_url(
         "postgresql+psycopg://lint@localhost/lint")
-    log.add_secret(given.password)
-    config = revisions.load_config(settings.alembic_config, given, section=settings.alembic_section,
-                                   x_args=settings.x_arguments())
-    script = revisions.load_scripts(config)
-    if not settings.allow_multiple_heads:
-        revisions.check_single_head(script)
-    return config, script
+    return _config_and_scripts(settings, given)
 
 
 COMMANDS = {"upgrade": upgrade, "check": check, "wait": wait, "plan": plan, "verify": verify, "heads": heads,
@@ -397,19 +390,24 @@ COMMANDS = {"upgrade": upgrade, "check": check, "wait": wait, "plan": plan, "ver
 def _scripts(settings: Settings) -> tuple[URL, Config, ScriptDirectory]:
     """What every command starts from: the URL (its secrets masked), alembic's config and the scripts."""
     given = settings.url()
-    log.add_secret(given.password)
-    log.add_secret(given.query.get("password"))
     # application_name from the first login on; the other options wait for the server's version.
     _session_options(settings, None)
     # env.py gets the URL as given, as it would from alembic.ini; the runner's own sessions add
     # keepalives and timeouts, which other drivers than libpq's would not accept.
     url = database.with_defaults(database.for_runner(given))
+    return (url, *_config_and_scripts(settings, given))
+
+
+def _config_and_scripts(settings: Settings, given: URL) -> tuple[Config, ScriptDirectory]:
+    """alembic's config with `given` as sqlalchemy.url, and the scripts, their heads checked."""
+    log.add_secret(given.password)
+    log.add_secret(given.query.get("password"))
     config = revisions.load_config(settings.alembic_config, given, section=settings.alembic_section,
                                    x_args=settings.x_arguments())
     script = revisions.load_scripts(config)
     found = tuple(script.get_heads()) if settings.allow_multiple_heads else revisions.check_single_head(script)
     logger.info("scripts at %s: head %s", script.dir, _names(found), extra={"heads": list(found)})
-    return url, config, script
+    return config, script
 
 
 def _connect(settings: Settings, url: URL) -> None:

@@ -79,7 +79,7 @@ def render(config: Config, script: ScriptDirectory, revision) -> Rendered:
     found = []
 
     def steps(current, context):
-        found.append((context.version_table, context.version_table_schema))
+        found.append(context.version_table)
         return [step for step in script._upgrade_revs(revision.revision, downs)
                 if step.revision.revision == revision.revision]
 
@@ -92,8 +92,7 @@ def render(config: Config, script: ScriptDirectory, revision) -> Rendered:
         return rendered
     finally:
         config.output_buffer = None
-    table, schema = found[0] if found else ("alembic_version", None)
-    rendered.sql = _without_version_table(buffer.getvalue(), table)
+    rendered.sql = _without_version_table(buffer.getvalue(), found[0] if found else "alembic_version")
     return rendered
 
 

@@ -137,23 +137,19 @@ def _recorder(record: lineage.Lineage, state: revisions.State, progress: Progres
         connection = ctx.connection
         found = connection.execute(_OWNER_AND_COMMENT, {"table": state.table, "schema": state.schema}).first()
         owner, current = found if found else (False, None)
-        if current == comment:
-            progress.recording = False
-            return
-        if not owner or not lineage.is_ours(current):
-            if not warned:
-                warned.append(True)
-                why = "the role does not own it" if not owner else "it holds a comment of its own"
-                logger.warning("not recording the lineage on %s.%s (%s): an older image will treat this "
-                               "database as unknown and exit 8 unless MIGRATE_ALLOW_AHEAD=always",
-                               state.schema, state.table, why)
-            progress.recording = False
-            return
-        table = connection.dialect.identifier_preparer.format_table(Table(state.table, MetaData(), schema=state.schema))
-        # Dollar-quoted: taken as it is whatever standard_conforming_strings says; a utility statement takes no
-        # bind parameters, and no_parameters keeps every driver from reading its '%' as a placeholder.
-        connection.exec_driver_sql(f"COMMENT ON TABLE {table} IS {_dollar_quoted(comment)}",
-                                   execution_options={"no_parameters": True})
+        if current != comment and owner and lineage.is_ours(current):
+            table = connection.dialect.identifier_preparer.format_table(
+                Table(state.table, MetaData(), schema=state.schema))
+            # Dollar-quoted: taken as it is whatever standard_conforming_strings says; a utility statement takes
+            # no bind parameters, and no_parameters keeps every driver from reading its '%' as a placeholder.
+            connection.exec_driver_sql(f"COMMENT ON TABLE {table} IS {_dollar_quoted(comment)}",
+                                       execution_options={"no_parameters": True})
+        elif current != comment and not warned:
+            warned.append(True)
+            why = "the role does not own it" if not owner else "it holds a comment of its own"
+            logger.warning("not recording the lineage on %s.%s (%s): an older image will treat this "
+                           "database as unknown and exit 8 unless MIGRATE_ALLOW_AHEAD=always",
+                           state.schema, state.table, why)
         progress.recording = False
 
     return record_lineage

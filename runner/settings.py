@@ -120,7 +120,7 @@ class Settings(BaseSettings):
     @classmethod
     def _http_urls(cls, value):
         if value is not None:
-            for number, url in enumerate(split_quit_urls(value), 1):
+            for number, url in enumerate(split_list(value), 1):
                 # Never echoed: the URL may carry a password.
                 if not is_quit_url(url):
                     raise ValueError(f"URL {number} is not an http:// or https:// URL with a host and a valid port")
@@ -155,11 +155,11 @@ class Settings(BaseSettings):
 
     def lint_exclusions(self) -> list[str]:
         """MIGRATE_LINT_EXCLUDE as a list of squawk rule names."""
-        return (self.lint_exclude or "").replace(",", " ").split()
+        return split_list(self.lint_exclude or "")
 
     def quit_url_list(self) -> list[str]:
         """MIGRATE_QUIT_URLS as a list."""
-        return split_quit_urls(self.quit_urls or "")
+        return split_list(self.quit_urls or "")
 
     @classmethod
     def from_env(cls) -> "Settings":
@@ -208,7 +208,8 @@ def _refuse_unencoded(raw: str, name: str) -> None:
         raise ConfigError(f"{name}: the user info holds a '%' that is not a percent-escape; {_ENCODE}")
 
 
-def split_quit_urls(raw: str) -> list[str]:
+def split_list(raw: str) -> list[str]:
+    """A variable holding a list, its items separated by commas or whitespace."""
     return raw.replace(",", " ").split()
 
 
@@ -225,7 +226,7 @@ def is_quit_url(url: str) -> bool:
 def quit_urls_from_env() -> list[str]:
     """The valid URLs of MIGRATE_QUIT_URLS, read on their own: when another variable is
     invalid the settings are never built, and the sidecars must be told to quit all the same."""
-    return [url for url in split_quit_urls(os.environ.get("MIGRATE_QUIT_URLS", "")) if is_quit_url(url)]
+    return [url for url in split_list(os.environ.get("MIGRATE_QUIT_URLS", "")) if is_quit_url(url)]
 
 
 # Variables whose value may hold a password: an error about them never shows it.
