@@ -11,7 +11,7 @@ import signal
 import sys
 from pathlib import Path
 
-from . import guard, log, sidecars, stack_versions
+from . import flaskapp, guard, log, sidecars, stack_versions
 from .commands import COMMANDS
 from .envpy import EarlyExit
 from .errors import EXIT_BUG, ConfigError, Interrupted, RunnerError, markdown_table
@@ -117,7 +117,9 @@ def main(argv: list[str] | None = None) -> int:
         _warn_unknown_variables()
         if settings.database_url is not None:
             log.add_secret(settings.database_url.get_secret_value())
-        code = run(settings, report)
+        # FLASK_APP: inside the application's context, as `flask db upgrade` runs (it may supply the URL).
+        with flaskapp.application(settings) as settings:
+            code = run(settings, report)
     except RunnerError as e:
         report.outcome, report.message, code = type(e).__name__, str(e), e.exit_code
     except SystemExit as e:

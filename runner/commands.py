@@ -21,7 +21,7 @@ from alembic.script import ScriptDirectory
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import DBAPIError
 
-from . import database, drift, envpy, guard, lineage, log, migrate, revisions
+from . import baseline, credentials, database, drift, envpy, guard, lineage, log, migrate, revisions
 from . import lint as lint_
 from .errors import EXIT_OK, ConfigError, DatabaseUnreachable, LintFindings, PendingRevisions, SchemaDrift
 from .lock import advisory_lock
@@ -53,7 +53,20 @@ def upgrade(settings: Settings, report: Report) -> int:
         migrate.upgrade(config, script, progress, decide, record=lineage.of(script, settings.image),
                         expected=_expected_version_table(settings))
 
-    progress, reached = _under_lock(settings, report, url, script, decide, run)
+    def prove_baseline(lock) -> None:
+        # Under the lock, before the run that would stamp it: a baseline that does not match writes nothing.
+        if not settings.verify_baseline or settings.baseline_revision in (None, "base"):
+            return
+        scratch = settings.scratch_url()
+        if scratch is None:
+            baseline.drop_leftover(url, lock.key)
+        state = _read_state_or_fail(config, script, settings)
+        if state.kind == "legacy":
+            revision = revisions.refuse_legacy(state, settings.baseline_revision, script)
+            baseline.prove(functools.partial(_config, settings), revision, url=url, given=settings.url(),
+                           schema=state.schema, table=state.table, lock_key=lock.key, scratch=scratch)
+
+    progress, reached = _under_lock(settings, report, url, script, decide, run, before=prove_baseline)
     report.applied = revisions.applied_between(script, progress.start, reached)
     if progress.state.kind == "ahead":
         if set(reached) != set(progress.state.current):
@@ -107,15 +120,17 @@ def _moved(report: Report, outcome: str, moved: list[str], verb: str) -> int:
 
 
 def _under_lock(settings: Settings, report: Report, url: URL, script: ScriptDirectory,
-                decide: Callable[[revisions.State], object],
-                run: Callable[[migrate.Progress, Callable], None]) -> tuple[migrate.Progress, tuple[str, ...]]:
+                decide: Callable[[revisions.State], object], run: Callable[[migrate.Progress, Callable], None],
+                before: Callable[[object], None] | None = None) -> tuple[migrate.Progress, tuple[str, ...]]:
     """Log in, take the lock, and `run` the migration under the guard; where the database is, read back.
 
+    `before(lock)`, if given, runs first under the lock (and raises to refuse);
     `decide` sees the state env.py's connection reads before anything is written
     (and raises to refuse); every failure becomes a RunnerError saying where the
     database is now.
     """
-    version, first_session = first_login(url, settings.wait_timeout)
+    # Writes need the primary: a standby (a failover under way) is waited out like a database not up yet.
+    version, first_session = first_login(url, settings.wait_timeout, primary=True)
     # The lock's session is the first to carry the session options: it reports a proxy refusing them.
     check_interval = _options_after_login(settings, version)
 
@@ -126,6 +141,8 @@ def _under_lock(settings: Settings, report: Report, url: URL, script: ScriptDire
         # Timeouts for migration sessions only: the lock wait above must not be cut short by them.
         _session_options(settings, check_interval, statement_timeout=_ms(settings.statement_timeout),
                          lock_timeout=_ms(settings.ddl_lock_timeout))
+        if before is not None:
+            before(lock)
         progress = migrate.Progress()
 
         def read_back() -> tuple[str, ...]:
@@ -210,6 +227,10 @@ def wait(settings: Settings, report: Report) -> int:
             with database.tagged():
                 state = _read_state(config, script, settings)
         except Exception as e:
+            if isinstance(e, credentials.Unavailable):  # no password this time: a token service briefly down
+                raise _NotUpYet(str(e)) from None
+            if credentials.may_be_stale(e):  # a rotated password refused before its file caught up
+                raise _NotUpYet(first_line(e)) from None
             if fatal_reason(e):
                 raise refusal(url, e) from None
             if database.is_disconnect(e):
@@ -343,9 +364,9 @@ def lint(settings: Settings, report: Report, start: str | None = None) -> int:
         if state.kind == "ahead":
             _let_ahead_through(settings, state, script)
             targets = []
-        elif state.kind == "legacy" and settings.baseline_revision not in (None, "base"):
-            baseline = revisions.refuse_legacy(state, settings.baseline_revision, script)
-            targets = revisions.pending_revisions(script, (baseline,))
+        elif state.kind == "legacy":  # what `upgrade` would apply: refused (6), from base, or from the baseline
+            stamp = revisions.refuse_legacy(state, settings.baseline_revision, script)
+            targets = revisions.pending_revisions(script, (stamp,) if stamp else ())
         else:
             targets = state.pending
     else:
@@ -356,7 +377,7 @@ def lint(settings: Settings, report: Report, start: str | None = None) -> int:
     if settings.ddl_lock_timeout is None:
         logger.warning("require-lock-timeout is off: the runner sets lock_timeout from MIGRATE_DDL_LOCK_TIMEOUT, "
                        "which is not set; set it so that DDL gives up instead of queueing behind live traffic")
-    with revisions._quiet():
+    with revisions.quietly():
         found, failed = lint_.lint_revisions(config, script, targets, exclude)
     for item in failed:
         logger.warning("%s (%s) not linted: %s", item.revision, item.title, item.failure,
@@ -390,6 +411,8 @@ COMMANDS = {"upgrade": upgrade, "check": check, "wait": wait, "plan": plan, "ver
 def _scripts(settings: Settings) -> tuple[URL, Config, ScriptDirectory]:
     """What every command starts from: the URL (its secrets masked), alembic's config and the scripts."""
     given = settings.url()
+    # Every login from here on, env.py's included, takes a fresh password from the file or command if one is set.
+    credentials.configure(settings, given)
     # application_name from the first login on; the other options wait for the server's version.
     _session_options(settings, None)
     # env.py gets the URL as given, as it would from alembic.ini; the runner's own sessions add
@@ -400,14 +423,19 @@ def _scripts(settings: Settings) -> tuple[URL, Config, ScriptDirectory]:
 
 def _config_and_scripts(settings: Settings, given: URL) -> tuple[Config, ScriptDirectory]:
     """alembic's config with `given` as sqlalchemy.url, and the scripts, their heads checked."""
-    log.add_secret(given.password)
-    log.add_secret(given.query.get("password"))
-    config = revisions.load_config(settings.alembic_config, given, section=settings.alembic_section,
-                                   x_args=settings.x_arguments())
+    config = _config(settings, given)
     script = revisions.load_scripts(config)
     found = tuple(script.get_heads()) if settings.allow_multiple_heads else revisions.check_single_head(script)
     logger.info("scripts at %s: head %s", script.dir, _names(found), extra={"heads": list(found)})
     return config, script
+
+
+def _config(settings: Settings, given: URL) -> Config:
+    """alembic's config with `given` as sqlalchemy.url, its secrets masked from now on."""
+    log.add_secret(given.password)
+    log.add_secret(given.query.get("password"))
+    return revisions.load_config(settings.alembic_config, given, section=settings.alembic_section,
+                                 x_args=settings.x_arguments())
 
 
 def _connect(settings: Settings, url: URL) -> None:

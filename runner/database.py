@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 import socket
 
 from contextlib import contextmanager
@@ -62,12 +63,47 @@ def with_defaults(url: URL) -> URL:
 
 
 def endpoint(url: URL) -> str:
-    """host:port as a person would name the server (no credentials)."""
-    host = url.host or url.query.get("host") or os.environ.get("PGHOST") or "localhost"
-    if isinstance(host, tuple):
-        host = ",".join(host)
-    port = url.port or url.query.get("port") or os.environ.get("PGPORT") or 5432
-    return f"{host}:{port}"
+    """host:port as a person would name the server (no credentials); a,b,... for a multi-host URL."""
+    default_host = os.environ.get("PGHOST") or "localhost"
+    default_port = os.environ.get("PGPORT") or "5432"
+    try:
+        listed = hosts(url)
+    except ValueError:  # refused by parse_url before anything connects; named as given all the same
+        listed = [(str(url.query.get("host") or url.host or default_host), None)]
+    return ",".join(f"{host or default_host}:{port or default_port}" for host, port in listed or [(None, None)])
+
+
+def hosts(url: URL) -> list[tuple[str | None, str | None]]:
+    """(host, port) for each server the URL lists, in the order libpq tries them; [] when it names none.
+
+    Three forms, as SQLAlchemy's PostgreSQL dialects read them: `user@host:port/db`;
+    `?host=a:5432&host=b:5432` (the query's host repeated, each with its port); and
+    libpq's `?host=a,b&port=5432,5433` (a port for each host, or none). A single
+    `?host=a:5432` is host and port, as SQLAlchemy reads it.
+    Raises ValueError, saying what is wrong, for a list SQLAlchemy's dialects would refuse.
+    """
+    given, ports = url.query.get("host"), url.query.get("port")
+    if isinstance(ports, tuple):
+        raise ValueError("`port` is given more than once; list the ports as port=5432,5433")
+    if given is None:
+        if url.host is None and ports is None:
+            return []
+        return [(url.host, str(ports or url.port or "") or None)]
+    if isinstance(given, str) and ports is None and re.fullmatch(r"[A-Za-z0-9.-]*:\d*", given):
+        given = (given,)
+    if isinstance(given, tuple):
+        if ports is not None:
+            raise ValueError("host=HOST:PORT items and a `port` parameter cannot be mixed; use "
+                             "host=a:5432&host=b:5432, or host=a,b&port=5432,5432")
+        listed = [tuple(item.rsplit(":", 1)) if ":" in item else (item, None) for item in given]
+    else:
+        names = given.split(",")
+        port_list = str(ports).split(",") if ports is not None else [str(url.port or "")] * len(names)
+        if len(port_list) != len(names):
+            raise ValueError(f"{len(names)} hosts but {len(port_list)} port{'s' * (len(port_list) > 1)}; "
+                             f"give a port for each host (port=5432,5432), or none")
+        listed = list(zip(names, port_list))
+    return [(host or None, port or None) for host, port in listed]
 
 
 @functools.cache

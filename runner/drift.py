@@ -8,14 +8,14 @@ the like apply as they do under `alembic check`.
 
 from __future__ import annotations
 
-import logging
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Iterator
 
 from alembic.autogenerate import compare_metadata
 from sqlalchemy import inspect, text
 from sqlalchemy.sql.elements import TextClause
+
+from . import revisions
 
 IN_MODELS = "in the models, not in the database"
 IN_DATABASE = "in the database, not in the models"
@@ -37,7 +37,9 @@ def find(context, drift: Drift) -> None:
     drift.has_metadata = metadata is not None
     if metadata is None:
         return
-    with _quiet():
+    # Autogenerate logs each difference at INFO in its own words (`verify` logs them in its own), its
+    # plugins as it loads them, and each serial column it recognises: noise for a check.
+    with revisions.quietly("alembic.autogenerate", "alembic.runtime.plugins", "alembic.ddl.postgresql"):
         diffs = compare_metadata(context, metadata)
     dialect = context.dialect
     drift.differences = [describe(diff, dialect) for diff in _flat(diffs)]
@@ -176,19 +178,3 @@ def covered_schemas(context, metadata) -> set[str]:
     for each in metadata if isinstance(metadata, (list, tuple)) else [metadata]:
         schemas.update(table.schema for table in each.tables.values() if table.schema)
     return {schema for schema in schemas if schema}
-
-
-@contextmanager
-def _quiet() -> Iterator[None]:
-    # Autogenerate logs each difference at INFO in its own words (`verify` logs them in its own), its
-    # plugins as it loads them, and each serial column it recognises: noise for a check.
-    chatty = [logging.getLogger(name) for name in ("alembic.autogenerate", "alembic.runtime.plugins",
-                                                   "alembic.ddl.postgresql")]
-    levels = [logger.level for logger in chatty]
-    for logger in chatty:
-        logger.setLevel(logging.WARNING)
-    try:
-        yield
-    finally:
-        for logger, level in zip(chatty, levels):
-            logger.setLevel(level)

@@ -72,7 +72,8 @@ class LegacyDatabase(RunnerError):
     """The database has tables but no version, and no usable baseline revision."""
 
     exit_code = 6
-    meaning = "legacy database without MIGRATE_BASELINE_REVISION, or an unknown baseline"
+    meaning = ("legacy database without MIGRATE_BASELINE_REVISION, an unknown baseline, or one "
+               "MIGRATE_VERIFY_BASELINE found different from the schema")
 
 
 class RevisionFailed(RunnerError):

@@ -33,7 +33,7 @@ from sqlalchemy import event
 from sqlalchemy.engine import Engine
 from sqlalchemy.pool import Pool
 
-from . import database
+from . import credentials, database
 from .errors import ConfigError, DatabaseUnreachable
 from .lock import CHECK_GRACE, Lock, lock_ids
 
@@ -339,8 +339,11 @@ def _terminate(lock: Lock, pids: list[int]) -> None:
 
     try:
         url = lock.connection.engine.url
-        params = {**url.query, **url.translate_connect_args(username="user", database="dbname"), "connect_timeout": 3}
-        with psycopg.connect(autocommit=True, **params) as conn:
+        # As the dialect reads the URL (a multi-host one's list too), aimed at the server the lock's session is on.
+        params = {**lock.connection.engine.dialect.create_connect_args(url)[1], "connect_timeout": 3,
+                  **_server_of(lock)}
+        # Not through SQLAlchemy: a rotating password is filled in here as its do_connect event does.
+        with psycopg.connect(autocommit=True, **credentials.fill(params)) as conn:
             for group in (pids, [lock.pid]):
                 if not group:
                     continue
@@ -352,3 +355,12 @@ def _terminate(lock: Lock, pids: list[int]) -> None:
     except Exception as e:
         logger.warning("could not end this runner's sessions on the server (%s: %s): the server ends them "
                        "when it notices the connection is gone", type(e).__name__, str(e).strip())
+
+
+def _server_of(lock: Lock) -> dict:
+    """host and port of the server the lock's session reached: of a multi-host URL's, the one that matters."""
+    try:
+        info = lock.connection.connection.dbapi_connection.info  # psycopg 3, the runner's own driver
+        return {"host": info.host, "port": info.port} if info.host and info.port else {}
+    except Exception:  # closed meanwhile: the URL's list it is
+        return {}

@@ -9,7 +9,7 @@ import logging
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
@@ -20,6 +20,10 @@ from sqlalchemy.engine import URL, Connection
 
 from . import envpy, lineage
 from .errors import ConfigError, DatabaseAhead, LegacyDatabase, MultipleHeads
+
+# What a framework does to every Config it builds, applied last by load_config: while FLASK_APP's
+# application context is entered, Flask-Migrate's defaults and callbacks (runner/flaskapp.py).
+config_hooks: list[Callable[[Config], Config]] = []
 
 
 def load_config(path: Path, url: URL | None = None, *, section: str = "alembic", x_args: list[str] = (),
@@ -52,6 +56,8 @@ def load_config(path: Path, url: URL | None = None, *, section: str = "alembic",
     if url is not None:
         # configparser interpolates %: a percent-encoded password must be doubled.
         config.set_main_option("sqlalchemy.url", url.render_as_string(hide_password=False).replace("%", "%%"))
+    for hook in config_hooks:
+        config = hook(config)
     return config
 
 
@@ -185,7 +191,7 @@ def database_state(config: Config, script: ScriptDirectory, *, version_table: st
             also(context, found[-1])
         return []
 
-    with _quiet():
+    with quietly():
         envpy.run(config, script, read, dont_mutate=True)
     if not found:
         raise NoMigrationsRun()
@@ -276,22 +282,25 @@ def version_table_comment(connection: Connection, *, version_table: str, schema:
 
 def current_heads(connection: Connection, *, version_table: str, schema: str | None) -> tuple[str, ...]:
     """The revisions in the version table (none if it does not exist)."""
-    with _quiet():
+    with quietly():
         context = MigrationContext.configure(
             connection, opts={"version_table": version_table, "version_table_schema": schema})
         return tuple(context.get_current_heads())
 
 
 @contextmanager
-def _quiet() -> Iterator[None]:
-    # MigrationContext announces its dialect at INFO; that is noise for a read.
-    chatty = logging.getLogger("alembic.runtime.migration")
-    level = chatty.level
-    chatty.setLevel(logging.WARNING)
+def quietly(*names: str) -> Iterator[None]:
+    """The loggers `names` held to WARNING inside the `with`: by default MigrationContext's, which announces
+    its dialect (and each revision it runs) at INFO, noise for a read."""
+    chatty = [logging.getLogger(name) for name in names or ("alembic.runtime.migration",)]
+    levels = [logger.level for logger in chatty]
+    for logger in chatty:
+        logger.setLevel(logging.WARNING)
     try:
         yield
     finally:
-        chatty.setLevel(level)
+        for logger, level in zip(chatty, levels):
+            logger.setLevel(level)
 
 
 def applied_between(script: ScriptDirectory, before: tuple[str, ...], after: tuple[str, ...]) -> list[str]:

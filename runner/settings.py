@@ -13,6 +13,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError
 
+from . import database
 from .errors import ConfigError
 
 INT64 = 2**63
@@ -36,19 +37,40 @@ class Settings(BaseSettings):
 
     database_url: SecretStr | None = Field(
         None, alias="DATABASE_URL",
-        description="PostgreSQL URL (postgresql://user:pass@host:5432/db); percent-encode special characters.")
+        description="PostgreSQL URL (postgresql://user:pass@host:5432/db); percent-encode special characters. A "
+                    "primary with standbys: every host, libpq picking the writable one "
+                    "(postgresql://user:pass@/db?host=a:5432&host=b:5432&target_session_attrs=read-write).")
     database_url_file: Path | None = Field(
         None, alias="DATABASE_URL_FILE",
         description="File holding the URL (a mounted Secret); exactly one of this and DATABASE_URL.")
+    database_password_file: Path | None = Field(
+        None, alias="DATABASE_PASSWORD_FILE",
+        description="File holding the password, read again at every login, so that a Vault agent or a CSI driver "
+                    "can rotate it (one trailing newline dropped); the URL then holds no password.")
+    password_command: str | None = Field(
+        None, alias="MIGRATE_PASSWORD_COMMAND",
+        description="Command run at every login (split like a shell's words, no shell: `sh -c '...'` for a "
+                    "pipeline) whose stdout is the password: an IAM token (`aws rds generate-db-auth-token ...`); "
+                    "the URL then holds no password. A failure is exit 3.")
+    password_command_timeout: float = Field(
+        30, gt=0, alias="MIGRATE_PASSWORD_COMMAND_TIMEOUT",
+        description="Seconds MIGRATE_PASSWORD_COMMAND may run before it is killed, with what it started (exit 3).")
     alembic_config: Path = Field(
         Path("alembic.ini"), alias="ALEMBIC_CONFIG",
-        description="Path of alembic.ini, or of a pyproject.toml with [tool.alembic] (alembic -c).")
+        description="Path of alembic.ini, or of a pyproject.toml with [tool.alembic] (alembic -c); with FLASK_APP, "
+                    "default `alembic.ini` in Flask-Migrate's directory (`migrations/alembic.ini`).")
     alembic_section: str = Field(
         "alembic", min_length=1, alias="ALEMBIC_SECTION",
         description="Section of alembic.ini holding script_location and the URL (alembic -n).")
     alembic_x_args: str | None = Field(
         None, alias="ALEMBIC_X_ARGS",
         description="Whitespace-separated key=value items for env.py's context.get_x_argument(), each one alembic -x.")
+    flask_app: str | None = Field(
+        None, alias="FLASK_APP",
+        description="A Flask application, as for the `flask` command (`module`, `module:app`, "
+                    "`module:create_app()`): commands run in its app context, as `flask db upgrade`; "
+                    "ALEMBIC_CONFIG then defaults to Flask-Migrate's `migrations/alembic.ini`, and DATABASE_URL to "
+                    "the URL of the application's engine.")
     wait_timeout: float = Field(
         60, ge=0, alias="MIGRATE_WAIT_TIMEOUT",
         description="Seconds to wait for the database to accept connections.")
@@ -61,6 +83,15 @@ class Settings(BaseSettings):
     baseline_revision: str | None = Field(
         None, alias="MIGRATE_BASELINE_REVISION",
         description="Revision to stamp on a database that has tables but no version table; `base` upgrades it from the first revision.")
+    verify_baseline: bool = Field(
+        False, alias="MIGRATE_VERIFY_BASELINE",
+        description="Before stamping MIGRATE_BASELINE_REVISION, build that revision's schema in a scratch database "
+                    "and refuse the stamp (exit 6, nothing written) unless the legacy schema matches it.")
+    scratch_database_url: SecretStr | None = Field(
+        None, alias="MIGRATE_SCRATCH_DATABASE_URL",
+        description="Database MIGRATE_VERIFY_BASELINE builds the baseline in, emptied before and after (everything "
+                    "its role owns there is dropped); default a database it creates and drops on the same server "
+                    "(the role needs CREATEDB).")
     allow_multiple_heads: bool = Field(
         False, alias="MIGRATE_ALLOW_MULTIPLE_HEADS",
         description="Upgrade every head instead of refusing scripts with several heads.")
@@ -149,6 +180,12 @@ class Settings(BaseSettings):
                 raise ConfigError(f"DATABASE_URL_FILE: cannot read {path}: {e.strerror}") from None
         return parse_url(raw.strip(), name)
 
+    def scratch_url(self) -> URL | None:
+        """MIGRATE_SCRATCH_DATABASE_URL parsed, if set."""
+        if self.scratch_database_url is None:
+            return None
+        return parse_url(self.scratch_database_url.get_secret_value().strip(), "MIGRATE_SCRATCH_DATABASE_URL")
+
     def x_arguments(self) -> list[str]:
         """ALEMBIC_X_ARGS as the list alembic's `-x` options make."""
         return (self.alembic_x_args or "").split()
@@ -178,6 +215,11 @@ def parse_url(raw: str, name: str = "DATABASE_URL") -> URL:
     try:
         url = make_url(raw)
     except (ArgumentError, ValueError):
+        if "," in raw.split("://", 1)[-1].split("/", 1)[0]:
+            # libpq's postgresql://a:5432,b:5432/db, which SQLAlchemy (and so env.py) cannot read.
+            raise ConfigError(f"{name}: list several hosts in the query, as SQLAlchemy reads them: "
+                              f"postgresql://USER:PASSWORD@/DATABASE?host=a:5432&host=b:5432"
+                              f"&target_session_attrs=read-write") from None
         raise ConfigError(f"{name}: not a PostgreSQL URL (postgresql://USER@HOST:PORT/DATABASE, password percent-encoded)") from None
     if url.drivername not in DRIVERS:
         raise ConfigError(f"{name}: unsupported scheme {url.drivername!r}; use one of {', '.join(sorted(DRIVERS))}")
@@ -186,10 +228,17 @@ def parse_url(raw: str, name: str = "DATABASE_URL") -> URL:
     if any(mark in (url.host or "") + (url.database or "") for mark in "@ "):
         raise ConfigError(f"{name}: the URL does not parse as intended (an '@' or a space after the user info); "
                           f"{_ENCODE}")
+    try:
+        servers = database.hosts(url)
+    except ValueError as e:
+        raise ConfigError(f"{name}: {e}") from None
     ports = [url.port] if url.port is not None else []
-    ports += [int(p) for p in str(url.query.get("port", "")).split(",") if p.strip().lstrip("-").isdigit()]
-    if any(not 0 < port < 65536 for port in ports):
+    ports += [port for _, port in servers if port is not None]
+    if any(not str(port).strip().isdigit() or not 0 < int(port) < 65536 for port in ports):
         raise ConfigError(f"{name}: the port must be between 1 and 65535")
+    if len(servers) > 1 and url.drivername == "postgresql+pg8000":
+        raise ConfigError(f"{name}: pg8000 cannot connect to a list of hosts; use postgresql+psycopg, "
+                          f"postgresql+psycopg2 or postgresql+asyncpg for a multi-host URL")
     return url.set(drivername=DRIVERS[url.drivername])
 
 
@@ -230,7 +279,7 @@ def quit_urls_from_env() -> list[str]:
 
 
 # Variables whose value may hold a password: an error about them never shows it.
-_UNECHOED = ("DATABASE_URL", "DATABASE_URL_FILE", "MIGRATE_QUIT_URLS")
+_UNECHOED = ("DATABASE_URL", "DATABASE_URL_FILE", "MIGRATE_QUIT_URLS", "MIGRATE_SCRATCH_DATABASE_URL", "MIGRATE_PASSWORD_COMMAND")
 
 
 def _describe(err: dict) -> str:

@@ -9,7 +9,7 @@ import tenacity
 from sqlalchemy.engine import URL, Connection
 from sqlalchemy.exc import DBAPIError
 
-from . import database
+from . import credentials, database
 from .database import first_line, invalid_reason
 from .errors import ConfigError, DatabaseUnreachable, RunnerError
 
@@ -62,8 +62,22 @@ def wait_for_database(url: URL, timeout: float, sleep=time.sleep) -> int:
     return version
 
 
-def first_login(url: URL, timeout: float, sleep=time.sleep) -> tuple[int, Connection]:
-    """`wait_for_database`, keeping the session that logged in open (no transaction): the caller closes it."""
+class OnStandby(Exception):
+    """`first_login(primary=True)` reached a server in recovery: a standby, which a failover may yet promote."""
+
+    def __init__(self, server: str) -> None:
+        super().__init__(f"connected to a read-only standby at {server} (pg_is_in_recovery() is true)")
+        self.server = server
+
+
+def first_login(url: URL, timeout: float, sleep=time.sleep, *,
+                primary: bool = False) -> tuple[int, Connection]:
+    """`wait_for_database`, keeping the session that logged in open (no transaction): the caller closes it.
+
+    With `primary`, a login that reaches a standby counts as the database not being up yet:
+    the commands that write wait for a writable primary (a failover under way) and then
+    exit 3 naming the host, rather than fail on the standby's first write.
+    """
     where = database.endpoint(url)
     engine = database.engine(url)
 
@@ -71,6 +85,8 @@ def first_login(url: URL, timeout: float, sleep=time.sleep) -> tuple[int, Connec
         connection = engine.connect()
         try:
             version = database.server_version(connection)
+            if primary and connection.exec_driver_sql("SELECT pg_is_in_recovery()").scalar_one():
+                raise OnStandby(_server(connection, where))
             # Idle outside a transaction: a transaction-pooling proxy must not pin a backend to it.
             connection.rollback()
         except BaseException:
@@ -79,6 +95,11 @@ def first_login(url: URL, timeout: float, sleep=time.sleep) -> tuple[int, Connec
         return version, connection
 
     def log_retry(state: tenacity.RetryCallState) -> None:
+        error = state.outcome.exception()
+        if isinstance(error, OnStandby):
+            logger.info("%s; waiting for a writable primary; retry %d in %.1fs", error, state.attempt_number,
+                        state.next_action.sleep, extra={"attempt": state.attempt_number, "standby": error.server})
+            return
         logger.info(
             "database %s not ready (%s); retry %d in %.1fs",
             where, first_line(state.outcome.exception()), state.attempt_number, state.next_action.sleep,
@@ -88,18 +109,62 @@ def first_login(url: URL, timeout: float, sleep=time.sleep) -> tuple[int, Connec
     retrying = tenacity.Retrying(
         stop=tenacity.stop_after_delay(timeout),
         wait=tenacity.wait_random_exponential(multiplier=0.2, max=2),
-        retry=tenacity.retry_if_exception(lambda e: isinstance(e, DBAPIError) and fatal_reason(e) is None),
+        # A password command that failed (a token service briefly down), or a rotated password refused
+        # before its file caught up, is waited out like the database.
+        retry=tenacity.retry_if_exception(lambda e: isinstance(e, DBAPIError) and (
+                                              fatal_reason(e) is None or credentials.may_be_stale(e))
+                                          or isinstance(e, (credentials.Unavailable, OnStandby))),
         before_sleep=log_retry,
         sleep=sleep,
         reraise=True,
     )
     try:
         version, session = retrying(attempt)
+    except OnStandby as e:
+        raise DatabaseUnreachable(f"database {where}: no writable primary after {timeout:g}s "
+                                  f"(MIGRATE_WAIT_TIMEOUT), only a read-only standby at {e.server} "
+                                  f"(pg_is_in_recovery() is true); {_primary_hint(url)}") from None
     except DBAPIError as e:
         if fatal_reason(e):
             raise refusal(url, e) from None
+        if _standbys_only(e):
+            raise DatabaseUnreachable(
+                f"database {where}: no writable primary after {timeout:g}s (MIGRATE_WAIT_TIMEOUT), libpq turned "
+                f"down the read-only standbys it reached (target_session_attrs="
+                f"{url.query.get('target_session_attrs')}): {first_line(e)}") from None
         raise DatabaseUnreachable(
             f"database {where} not reachable after {timeout:g}s (MIGRATE_WAIT_TIMEOUT): {first_line(e)}") from None
-    logger.info("database %s is up (PostgreSQL %d.%d)", where, version // 10000, version % 10000,
-                extra={"server_version": version})
+    server = _server(session, where)
+    # Of a multi-host URL's servers, say which one answered.
+    reached = f", at {server}" if "," in where and server != where else ""
+    logger.info("database %s is up (PostgreSQL %d.%d%s)", where, version // 10000, version % 10000, reached,
+                extra={"server_version": version, "server": server})
     return version, session
+
+
+def _server(connection: Connection, where: str) -> str:
+    """host:port of the server a session reached (which of a multi-host URL's), else the URL's `where`."""
+    info = getattr(connection.connection.dbapi_connection, "info", None)  # psycopg 3's ConnectionInfo
+    host, port = getattr(info, "host", None), getattr(info, "port", None)
+    return f"{host}:{port}" if host and port else where
+
+
+def _primary_hint(url: URL) -> str:
+    """What to change so that the runner's logins reach the primary."""
+    attrs = url.query.get("target_session_attrs")
+    if attrs in ("read-write", "primary"):
+        return f"target_session_attrs={attrs} is set: the failover is not over; run again once it is"
+    given = f"target_session_attrs={attrs} lets libpq settle for a standby, and " if attrs else ""
+    return (f"{given}upgrade and downgrade need the primary: point DATABASE_URL at the primary's service, or "
+            f"list every host of the cluster with target_session_attrs=read-write (or primary), e.g. "
+            f"?host=a:5432&host=b:5432&target_session_attrs=read-write")
+
+
+# libpq's words when target_session_attrs turned a server down.
+_NOT_PRIMARY = ("session is read-only", "server is in hot standby mode")
+
+
+def _standbys_only(error: BaseException) -> bool:
+    """Whether libpq refused the servers it reached for being standbys (target_session_attrs)."""
+    text = str(getattr(error, "orig", error) or error)
+    return any(words in text for words in _NOT_PRIMARY)

@@ -141,6 +141,47 @@ class Postgres:
             conn.execute(f'{verb} ROLE "{name}" LOGIN PASSWORD {psycopg.sql.quote(password)} {extra}')
 
 
+# -- replication --------------------------------------------------------------
+def standby_of(primary: Postgres) -> Postgres:
+    """A hot standby streaming from `primary`, started: `pg_basebackup -R` with the wheel's binaries.
+
+    initdb's pg_hba.conf lets the superuser replicate over the local socket (trust), and the
+    defaults (wal_level=replica, max_wal_senders=10) let the primary send; -R writes
+    standby.signal and a primary_conninfo naming the primary's socket.
+    """
+    standby = Postgres(settings=primary.settings)
+    standby.base.chmod(0o755)
+    standby.socket_dir.mkdir(exist_ok=True)
+    if _as_root():
+        for path in (standby.base, standby.socket_dir):
+            os.chown(path, *_ids())
+    standby._run("pg_basebackup", "-h", str(primary.socket_dir), "-p", str(primary.port), "-U", SUPERUSER,
+                 "-D", str(standby.data), "-R", "-X", "stream", "-c", "fast", "--no-sync", timeout=120)
+    return standby.start()
+
+
+def in_recovery(server: Postgres) -> bool:
+    return server.execute("SELECT pg_is_in_recovery()")[0][0]
+
+
+def promote(standby: Postgres) -> None:
+    """Make the standby a primary (what a failover manager does), returning once it accepts writes."""
+    standby._run("pg_ctl", "-D", str(standby.data), "-w", "-t", "60", "promote")
+
+
+def wait_for_replay(standby: Postgres, primary: Postgres, timeout: float = 60) -> None:
+    """Until the standby has replayed all the primary has written so far (synchronous_commit is off here)."""
+    import time
+
+    # The insert position: with synchronous_commit off a commit may not be written out yet.
+    target = primary.execute("SELECT pg_current_wal_insert_lsn()::text")[0][0]
+    deadline = time.monotonic() + timeout
+    while not standby.execute("SELECT pg_last_wal_replay_lsn() >= %s::pg_lsn", params=(target,))[0][0]:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the standby did not replay up to {target} within {timeout:g}s")
+        time.sleep(0.05)
+
+
 def _ids() -> tuple[int, int]:
     owner = pwd.getpwnam(SYSTEM_USER)
     return owner.pw_uid, owner.pw_gid

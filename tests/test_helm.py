@@ -13,6 +13,7 @@ import base64
 import json
 import re
 import shutil
+import sys
 from pathlib import Path
 
 import helm_python as helm
@@ -23,7 +24,7 @@ import yaml
 from runner.errors import exit_codes
 from runner.settings import variables
 
-from .conftest import ROOT, RUNNER, run_runner, runner_env, version_rows
+from .conftest import ROOT, RUNNER, RUNNER_PASSWORD, RUNNER_ROLE, run_runner, runner_env, version_rows
 
 CHART = ROOT / "helm" / "migration-runner"
 PARENT = ROOT / "examples" / "helm-parent"
@@ -147,13 +148,17 @@ COMBINATIONS = {
     "volume": {"migrations": {"source": "volume", "mountPath": "/srv/migrations",
                               "volume": {"persistentVolumeClaim": {"claimName": "migrations", "readOnly": True}}}},
     "all-config": {"config": {"waitTimeout": 30, "lockTimeout": 600.5, "lockKey": "9223372036854775807",
-                              "baselineRevision": "0001", "allowMultipleHeads": True, "versionTable": "versions",
+                              "baselineRevision": "0001", "verifyBaseline": True, "allowMultipleHeads": True, "versionTable": "versions",
                               "versionTableSchema": "app", "applicationName": "shop-migrations",
                               "connectionCheckInterval": 0, "statementTimeout": 120, "ddlLockTimeout": 5,
                               "ddlLockRetries": 3, "terminationLog": "/tmp/summary.json",
                               "logFormat": "text", "logLevel": "DEBUG", "progressInterval": 30,
                               "alembicSection": "app", "alembicXArgs": "tenant=acme region=eu",
-                              "allowAhead": "never", "quitUrls": ["http://127.0.0.1:15020/quitquitquit"]}},
+                              "allowAhead": "never", "quitUrls": ["http://127.0.0.1:15020/quitquitquit"],
+                              "passwordCommand": "aws rds generate-db-auth-token --hostname db.example.internal "
+                                                 "--port 5432 --username app --region eu-west-1",
+                              "passwordCommandTimeout": 10},
+                   "database": {"url": "postgresql://app@db.example.internal:5432/app?sslmode=require"}},
     "scheduling": {"nodeSelector": {"kubernetes.io/os": "linux"},
                    "tolerations": [{"key": "dedicated", "operator": "Equal", "value": "batch", "effect": "NoSchedule"}],
                    "affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {
@@ -465,8 +470,14 @@ def test_notes_name_the_fatal_codes():
 def test_every_runner_variable_is_settable_from_values():
     values = deep_merge(COMBINATIONS["all-config"], {"migrations": {"alembicConfig": "/app/db/alembic.ini"}})
     env = env_of(container(render(values)))
-    # The URL only ever comes as a file; `lint` runs in CI, not in the cluster.
-    wanted = {name for name, _, _ in variables()} - {"DATABASE_URL", "MIGRATE_LINT_EXCLUDE"}
+    # The URL only ever comes as a file; `lint` runs in CI, not in the cluster; the scratch database's URL
+    # holds a password, so it comes from the user's own Secret through extraEnv (the README shows how).
+    # FLASK_APP is the application image's own setting, as for the `flask` command.
+    wanted = {name for name, _, _ in variables()} - {"DATABASE_URL", "MIGRATE_LINT_EXCLUDE",
+                                                     "MIGRATE_SCRATCH_DATABASE_URL", "FLASK_APP"}
+    # At most one source of a rotating password: the file in a rendering of its own.
+    env |= env_of(container(render({"database": {"url": "postgresql://app@db.example.internal/app",
+                                                 "passwordFile": "/vault/secrets/db-password"}})))
     assert wanted <= set(env), wanted - set(env)
     assert env["MIGRATE_WAIT_TIMEOUT"] == "30"
     assert env["MIGRATE_LOCK_TIMEOUT"] == "600.5"
@@ -475,6 +486,7 @@ def test_every_runner_variable_is_settable_from_values():
     assert env["MIGRATE_ALLOW_MULTIPLE_HEADS"] == "true"
     assert env["MIGRATE_CONNECTION_CHECK_INTERVAL"] == "0"
     assert env["MIGRATE_BASELINE_REVISION"] == "0001"
+    assert env["MIGRATE_VERIFY_BASELINE"] == "true"
     assert env["MIGRATE_DDL_LOCK_RETRIES"] == "3"
     assert env["MIGRATE_ALLOW_AHEAD"] == "never"
     # The image is recorded with the lineage, so that an older image's exit 8 can name it.
@@ -527,6 +539,8 @@ def test_migrations_from_a_volume():
     ({"mode": "helm"}, "/mode"),
     ({"config": {"logFormat": "xml"}}, "/config/logFormat"),
     ({"database": {"url": "mysql://u@h/db"}}, "/database/url"),
+    ({"database": {"passwordFile": "vault/db-password"}}, "/database/passwordFile"),
+    ({"config": {"passwordCommandTimeout": 0}}, "/config/passwordCommandTimeout"),
 ])
 def test_schema_refuses_bad_values(values, message):
     assert message in render_error(values)
@@ -538,6 +552,10 @@ def test_schema_refuses_bad_values(values, message):
     ({"database": {"url": ""}}, "set database.existingSecret"),
     ({"database": {"url": "", "existingSecret": "db", "existingSecretKey": ""}}, "database.existingSecretKey is empty"),
     ({"extraEnv": [{"name": "DATABASE_URL", "value": URL}]}, "extraEnv must not set DATABASE_URL"),
+    ({"database": {"url": "postgresql://app@db/app", "passwordFile": "/vault/db"}, "config": {"passwordCommand": "x"}},
+     "database.passwordFile and config.passwordCommand are both set"),
+    ({"database": {"passwordFile": "/vault/db"}}, "database.url holds a password"),
+    ({"config": {"passwordCommand": "gcloud sql generate-login-token"}}, "database.url holds a password"),
     ({"migrations": {"source": "configMap"}}, "neither migrations.files nor migrations.existingConfigMap"),
     ({"migrations": {"source": "configMap", "files": {"env.py": ""}}}, "no \"alembic.ini\""),
     ({"migrations": {"source": "volume"}}, "migrations.volume is empty"),
@@ -703,6 +721,33 @@ def test_rendered_job_migrates_the_database_to_heads(database_url, tmp_path, mod
     again, _ = run_rendered_job(docs, tmp_path / "again", {dockerfile_facts()["workdir"]: EXAMPLE})
     assert again.returncode == 0, again
     assert version_rows(database_url) == ["0003"]
+
+
+@pytest.mark.parametrize("source", ["passwordFile", "passwordCommand"])
+def test_rendered_job_takes_a_rotating_password_from_a_file_or_a_command(postgres, database, tmp_path, source):
+    """The URL without a password; each login reads database.passwordFile or runs config.passwordCommand."""
+    bare = postgres.url(database, RUNNER_ROLE, "").replace(":@", "@")
+    values = {"database": {"url": bare}, "config": {"waitTimeout": 10}}
+    if source == "passwordFile":
+        # A volume shared with what rotates the file (a Vault agent), pre-filled where the pod's volume lands.
+        values["database"]["passwordFile"] = "/vault/secrets/db-password"
+        values["extraVolumes"] = [{"name": "vault-secrets", "emptyDir": {"medium": "Memory"}}]
+        values["extraVolumeMounts"] = [{"name": "vault-secrets", "mountPath": "/vault/secrets", "readOnly": True}]
+        secret = tmp_path / "root" / "vault" / "secrets" / "db-password"
+    else:  # a token CLI, as the README's examples run one: each call prints the password
+        secret = tmp_path / "db-password"
+        values["config"]["passwordCommand"] = (f"{sys.executable} -c 'import sys; print(open(sys.argv[1]).read()"
+                                               f".strip())' {secret}")
+    secret.parent.mkdir(parents=True, exist_ok=True)
+    secret.write_text(RUNNER_PASSWORD + "\n")
+    docs = render(values)
+    for doc in docs:
+        validate(doc)
+    result, env = run_rendered_job(docs, tmp_path / "root", {dockerfile_facts()["workdir"]: EXAMPLE})
+    assert result.returncode == 0, result
+    assert version_rows(postgres.url(database, RUNNER_ROLE, RUNNER_PASSWORD)) == ["0003"]
+    assert {"passwordFile": "DATABASE_PASSWORD_FILE", "passwordCommand": "MIGRATE_PASSWORD_COMMAND"}[source] in env
+    assert RUNNER_PASSWORD not in result.output
 
 
 def test_rendered_job_fails_at_once_on_a_configuration_error(database_url, tmp_path):
@@ -1152,6 +1197,21 @@ def test_readme_values_render_valid_manifests(heading):
     for doc in docs:
         validate(doc)
     assert "Job" in kinds(docs)
+
+
+def test_readme_proven_baseline_values_set_both_variables():
+    """Chart README "A legacy database": the scratch URL comes from the user's Secret, never from a value."""
+    readme = (CHART / "README.md").read_text()
+    section = readme.split("### A legacy database: the baseline, proven first", 1)[1]
+    values = yaml.safe_load(re.search(r"```yaml\n(.*?)```", section, re.S).group(1))
+    docs = render(values)
+    for doc in docs:
+        validate(doc)
+    env = {item["name"]: item for item in container(docs)["env"]}
+    assert env["MIGRATE_VERIFY_BASELINE"]["value"] == "true"
+    assert env["MIGRATE_BASELINE_REVISION"]["value"] == "0007"
+    assert env["MIGRATE_SCRATCH_DATABASE_URL"]["valueFrom"]["secretKeyRef"] == {"name": "shop-scratch-db",
+                                                                                "key": "url"}
 
 
 # -- review findings: quit URLs, YAML-typed names, upgrades from 0.1.0, nulls, long names -------------------------

@@ -53,6 +53,23 @@ def test_without_from_only_the_pending_revisions_are_linted(database_url, tmp_pa
     assert version_rows(database_url) == ["r0003"]  # lint changes nothing
 
 
+@pytest.mark.parametrize("baseline, linted", [(None, None), ("base", ["r0001", "r0002", "r0003"]),
+                                               ("r0002", ["r0003"])])
+def test_a_legacy_database_lints_what_upgrade_would_apply(database_url, tmp_path, baseline, linted):
+    import psycopg
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute("CREATE TABLE r_1 (id int)")
+    ini = make_project(tmp_path / "p", CLEAN + [BLOCKING_INDEX])
+    env = runner_env(database_url, ini, **({"MIGRATE_BASELINE_REVISION": baseline} if baseline else {}))
+    result = run_runner(env, "lint")
+    if linted is None:  # upgrade would refuse it: so does lint, as plan does
+        assert result.returncode == 6 and "MIGRATE_BASELINE_REVISION" in result.last["event"], result
+        return
+    assert result.returncode == 11, result
+    assert result.last["pending"] == linted
+    assert [f["revision"] for f in findings(result)] == ["r0003"]
+
+
 def test_rules_the_runner_makes_moot_are_off_and_more_can_be_excluded(tmp_path):
     ini = make_project(tmp_path / "p", CLEAN + [BLOCKING_INDEX])
     result = run_runner(runner_env(None, ini), "lint", "--from", "base")

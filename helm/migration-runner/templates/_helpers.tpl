@@ -289,6 +289,13 @@ catches unknown keys and wrong types; these are the rules across keys.
 {{- if and (eq .Values.migrations.source "volume") (not .Values.migrations.volume) }}
 {{- fail "migration-runner: migrations.source is volume but migrations.volume is empty; give a volume source such as {persistentVolumeClaim: {claimName: NAME}}" }}
 {{- end }}
+{{- if and .Values.database.passwordFile .Values.config.passwordCommand }}
+{{- fail "migration-runner: database.passwordFile and config.passwordCommand are both set; set at most one" }}
+{{- end }}
+{{- /* A password in database.url beside a rotating one: the runner would refuse it (exit 2) at every run. */}}
+{{- if and (or .Values.database.passwordFile .Values.config.passwordCommand) (regexMatch "^[A-Za-z][A-Za-z0-9+.-]*://[^/?#@]*:[^/?#@]*@" (.Values.database.url | toString)) }}
+{{- fail "migration-runner: database.url holds a password, but database.passwordFile or config.passwordCommand supplies it at every login; leave it out of the URL" }}
+{{- end }}
 {{- range .Values.extraEnv }}
 {{- if has .name (list "DATABASE_URL" "DATABASE_URL_FILE") }}
 {{- fail (printf "migration-runner: extraEnv must not set %s; the URL comes from database.existingSecret or database.url as a mounted file" .name) }}
@@ -401,6 +408,10 @@ pod's own proxies.
 {{- $v := .context.Values -}}
 - name: DATABASE_URL_FILE
   value: {{ printf "%s/url" (trimSuffix "/" $v.database.mountPath) | quote }}
+{{- with $v.database.passwordFile }}
+- name: DATABASE_PASSWORD_FILE
+  value: {{ . | quote }}
+{{- end }}
 {{- if eq $v.migrations.source "image" }}
 {{- /* Recorded with the lineage: an older image refused on this database names the image to downgrade with
 (only when the image holds the migrations; otherwise it would name an image without them). */}}
@@ -419,6 +430,7 @@ pod's own proxies.
   "lockTimeout" "MIGRATE_LOCK_TIMEOUT"
   "lockKey" "MIGRATE_LOCK_KEY"
   "baselineRevision" "MIGRATE_BASELINE_REVISION"
+  "verifyBaseline" "MIGRATE_VERIFY_BASELINE"
   "allowMultipleHeads" "MIGRATE_ALLOW_MULTIPLE_HEADS"
   "allowAhead" "MIGRATE_ALLOW_AHEAD"
   "versionTable" "MIGRATE_VERSION_TABLE"
@@ -433,6 +445,8 @@ pod's own proxies.
   "logLevel" "MIGRATE_LOG_LEVEL"
   "progressInterval" "MIGRATE_PROGRESS_INTERVAL"
   "quitUrls" "MIGRATE_QUIT_URLS"
+  "passwordCommand" "MIGRATE_PASSWORD_COMMAND"
+  "passwordCommandTimeout" "MIGRATE_PASSWORD_COMMAND_TIMEOUT"
   "alembicSection" "ALEMBIC_SECTION"
   "alembicXArgs" "ALEMBIC_X_ARGS" }}
 {{- if not $forJob }}

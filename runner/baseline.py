@@ -1,0 +1,231 @@
+"""Prove a baseline before stamping it: the legacy schema must be what the revision builds.
+
+`prove` builds the baseline revision's schema in a scratch database by running
+env.py's own `alembic upgrade <baseline>` there, reads both schemas from the
+catalog (tables, columns with types and nullability, primary keys, unique
+constraints, indexes, foreign keys) and refuses the stamp, listing every
+difference, when they differ. It writes nothing to the database it proves: the
+only writes are to the scratch database, which it creates on the same server
+(the role needs CREATEDB) or is given (MIGRATE_SCRATCH_DATABASE_URL, whose
+objects owned by its role are dropped), and empties again on every path. The
+created one has a name fixed for the database it proves, so a run killed with
+SIGKILL leaves a leftover that the next run drops; the advisory lock, held
+throughout, keeps two runners from sharing it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from contextlib import contextmanager
+from typing import Callable, Iterator
+
+from alembic import command as alembic_command
+from alembic.config import Config
+from sqlalchemy import event, pool, text
+from sqlalchemy.engine import URL, Connection
+from sqlalchemy.exc import DBAPIError
+
+from . import database, envpy, revisions
+from .errors import ConfigError, DatabaseUnreachable, LegacyDatabase
+
+logger = logging.getLogger("runner.baseline")
+
+_SYSTEM_SCHEMAS = "('pg_catalog', 'information_schema', 'pg_toast')"
+
+# (table, kind, name, definition) rows for the tables of the schemas `:schemas`, leaving out the
+# version table and the tables of extensions (PostGIS's spatial_ref_sys). Definitions come from
+# PostgreSQL's own deparsers, so two schemas built differently compare alike exactly when
+# PostgreSQL would describe them alike.
+_SNAPSHOT = text("""
+    WITH tables AS (
+        SELECT c.oid, CASE WHEN n.nspname = :version_schema THEN c.relname
+                           ELSE n.nspname || '.' || c.relname END AS label
+          FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+         WHERE c.relkind IN ('r', 'p') AND n.nspname = ANY(:schemas)
+           AND NOT (n.nspname = :version_schema AND c.relname = :version_table)
+           AND NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.classid = 'pg_class'::regclass AND d.objid = c.oid
+                                                       AND d.deptype = 'e'))
+    SELECT t.label, 'table', '', '' FROM tables t
+    UNION ALL
+    SELECT t.label, 'column', a.attname,
+           format_type(a.atttypid, a.atttypmod) || CASE WHEN a.attnotnull THEN ' NOT NULL' ELSE ' NULL' END
+      FROM tables t JOIN pg_attribute a ON a.attrelid = t.oid AND a.attnum > 0 AND NOT a.attisdropped
+    UNION ALL
+    SELECT t.label, CASE k.contype WHEN 'p' THEN 'primary key' WHEN 'u' THEN 'unique constraint'
+                                   ELSE 'foreign key' END,
+           CASE k.contype WHEN 'p' THEN '' ELSE k.conname END, pg_get_constraintdef(k.oid, true)
+      FROM tables t JOIN pg_constraint k ON k.conrelid = t.oid AND k.contype IN ('p', 'u', 'f')
+    UNION ALL
+    SELECT t.label, 'index', i.relname,
+           CASE WHEN x.indisunique THEN 'UNIQUE ' ELSE '' END
+           || regexp_replace(pg_get_indexdef(x.indexrelid), '^.* USING ', 'USING ')
+      FROM tables t JOIN pg_index x ON x.indrelid = t.oid JOIN pg_class i ON i.oid = x.indexrelid
+     WHERE NOT EXISTS (SELECT 1 FROM pg_constraint k WHERE k.conindid = x.indexrelid AND k.contype IN ('p', 'u'))
+""")
+
+_SCHEMAS = text(f"SELECT nspname FROM pg_namespace WHERE nspname NOT IN {_SYSTEM_SCHEMAS} "
+                f"AND nspname NOT LIKE 'pg_temp_%' AND nspname NOT LIKE 'pg_toast_temp_%'")
+
+
+def scratch_name(lock_key: int) -> str:
+    """The scratch database's name: one per advisory lock, so the lock's holder alone uses it, every run."""
+    return f"migration_runner_scratch_{lock_key & 0xFFFF_FFFF_FFFF_FFFF:016x}"
+
+
+def prove(config_for: Callable[[URL], Config], baseline: str, *, url: URL, given: URL, schema: str, table: str,
+          lock_key: int, scratch: URL | None) -> None:
+    """Build `baseline` in a scratch database through env.py and compare it with the database at `url`;
+    LegacyDatabase listing the differences when they differ. `config_for(u)` is alembic's config with
+    sqlalchemy.url `u`; `given` is DATABASE_URL as the user wrote it (env.py's driver), `url` the
+    runner's; `schema`.`table` the version table; `scratch` is MIGRATE_SCRATCH_DATABASE_URL if set."""
+    with _scratch_database(url, given, lock_key, scratch) as (runner_scratch, env_scratch):
+        logger.info("building baseline %s in scratch database %s to compare it with the legacy schema",
+                    baseline, runner_scratch.database, extra={"baseline": baseline, "scratch": runner_scratch.database})
+        _build(config_for(env_scratch), baseline, env_scratch)
+        with database.engine(runner_scratch).connect() as connection:
+            schemas = sorted({schema, *connection.execute(_SCHEMAS).scalars()})
+            built = snapshot(connection, schemas, schema, table)
+    with database.engine(url).connect() as connection:
+        legacy = snapshot(connection, schemas, schema, table)
+    differences = compare(legacy, built)
+    for difference in differences:
+        logger.warning("baseline %s: %s", baseline, difference, extra={"baseline": baseline, "difference": difference})
+    if differences:
+        raise LegacyDatabase(
+            f"MIGRATE_BASELINE_REVISION={baseline} does not match the legacy schema ({len(differences)} "
+            f"difference{'' if len(differences) == 1 else 's'}, nothing written): " + "; ".join(differences))
+    logger.info("baseline %s matches the legacy schema (%d tables in %s)", baseline,
+                len({key[0] for key in legacy}), ", ".join(schemas), extra={"baseline": baseline})
+
+
+def snapshot(connection: Connection, schemas: list[str], version_schema: str, version_table: str) -> dict:
+    """(table, kind, name) -> definition for every table, column, key, constraint and index in `schemas`."""
+    rows = connection.execute(_SNAPSHOT, {"schemas": schemas, "version_schema": version_schema,
+                                          "version_table": version_table})
+    return {(table, kind, name): definition for table, kind, name, definition in rows}
+
+
+def compare(legacy: dict, built: dict) -> list[str]:
+    """Each difference, in words, sorted by table; a table missing on either side is one difference."""
+    tables_legacy = {key[0] for key in legacy}
+    tables_built = {key[0] for key in built}
+    differences = [f"table {t} is missing (the baseline creates it)" for t in sorted(tables_built - tables_legacy)]
+    differences += [f"table {t} is not in the baseline" for t in sorted(tables_legacy - tables_built)]
+    for key in sorted(set(legacy) | set(built)):
+        table, kind, name = key
+        if table not in tables_legacy & tables_built or key[1] == "table":
+            continue
+        what = f"{kind} {table}.{name}" if kind == "column" else f"{kind} {name} on {table}" if name else f"{kind} of {table}"
+        if key not in legacy:
+            differences.append(f"{what} is missing (baseline: {built[key]})")
+        elif key not in built:
+            differences.append(f"{what} is not in the baseline ({legacy[key]})")
+        elif legacy[key] != built[key]:
+            differences.append(f"{what} is {legacy[key]}, the baseline has {built[key]}")
+    return differences
+
+
+def _build(config: Config, baseline: str, env_scratch: URL) -> None:
+    """`alembic upgrade <baseline>` through env.py, on the scratch database and nowhere else."""
+    elsewhere: list[str] = []
+
+    def only_scratch(dbapi_connection, record, proxy) -> None:
+        # env.py may build its engine from something other than sqlalchemy.url: refuse any
+        # connection that is not to the scratch database before a statement runs on it. On
+        # checkout, not connect: an application's pool may hand out a connection it opened before.
+        (name,) = database.select_on(dbapi_connection, ["current_database()"])
+        if name != env_scratch.database:
+            elsewhere.append(name)
+            raise ConfigError(f"env.py connected to {name!r}, not to the scratch database")
+
+    saved = os.environ.get("DATABASE_URL")
+    # env.py that reads DATABASE_URL itself (a common pattern) builds the scratch schema too.
+    os.environ["DATABASE_URL"] = env_scratch.render_as_string(hide_password=False)
+    event.listen(pool.Pool, "checkout", only_scratch)
+    try:
+        with envpy.no_exit(), revisions.quietly():  # its "Running upgrade" lines would read as the real run's
+            alembic_command.upgrade(config, baseline)
+    except Exception as e:
+        if elsewhere:
+            raise ConfigError(
+                f"MIGRATE_VERIFY_BASELINE: env.py connected to database {elsewhere[0]!r} while building the "
+                f"baseline in the scratch database; it must build its engine from the URL alembic gives it "
+                f"(config.get_main_option('sqlalchemy.url')) or from DATABASE_URL. Nothing was written") from None
+        if database.is_disconnect(e):
+            raise DatabaseUnreachable(f"lost the scratch database while building the baseline: "
+                                      f"{database.first_line(e)}") from None
+        raise ConfigError(f"MIGRATE_VERIFY_BASELINE: building baseline {baseline} in the scratch database failed "
+                          f"({type(e).__name__}: {database.first_line(e)}); nothing was written") from None
+    finally:
+        event.remove(pool.Pool, "checkout", only_scratch)
+        if saved is None:
+            os.environ.pop("DATABASE_URL", None)
+        else:
+            os.environ["DATABASE_URL"] = saved
+
+
+@contextmanager
+def _scratch_database(url: URL, given: URL, lock_key: int, scratch: URL | None) -> Iterator[tuple[URL, URL]]:
+    """An empty scratch database, as (the runner's URL, env.py's URL) of it; emptied or dropped after."""
+    if scratch is not None:
+        if (scratch.host, scratch.port, scratch.database) == (url.host, url.port, url.database):
+            raise ConfigError("MIGRATE_SCRATCH_DATABASE_URL names the database being migrated; it must name a "
+                              "database of its own, whose contents the runner drops")
+        runner_scratch = database.with_defaults(database.for_runner(scratch))
+        env_scratch = scratch.set(drivername=given.drivername)
+        _empty(runner_scratch)
+        try:
+            yield runner_scratch, env_scratch
+        finally:
+            _empty(runner_scratch)
+        return
+    name = scratch_name(lock_key)
+    drop_leftover(url, lock_key)  # a leftover of a run killed before it could drop it
+    _admin(url, f'CREATE DATABASE "{name}" TEMPLATE template0', "create the scratch database")
+    try:
+        yield url.set(database=name), given.set(database=name)
+    finally:
+        _drop(url, name)
+
+
+def drop_leftover(url: URL, lock_key: int) -> None:
+    """Drop the scratch database a run killed with SIGKILL left behind, if any."""
+    _drop(url, scratch_name(lock_key))
+
+
+def _drop(url: URL, name: str) -> None:
+    # FORCE (PostgreSQL 13+) ends the sessions a killed env.py may have left on it.
+    _admin(url, f'DROP DATABASE IF EXISTS "{name}"', "drop the scratch database", force=" WITH (FORCE)")
+
+
+def _empty(runner_scratch: URL) -> None:
+    """Drop everything the scratch URL's role owns there (a killed run's leftovers too); keep `public`."""
+    try:
+        with database.engine(runner_scratch).connect() as connection:
+            connection.exec_driver_sql("DROP OWNED BY CURRENT_USER")
+            connection.exec_driver_sql("CREATE SCHEMA IF NOT EXISTS public")
+            connection.commit()
+    except DBAPIError as e:
+        raise _failure(e, "empty MIGRATE_SCRATCH_DATABASE_URL") from None
+
+
+def _admin(url: URL, statement: str, doing: str, force: str = "") -> None:
+    """A statement that cannot run in a transaction, on a connection of its own; `force` added from 13 on."""
+    try:
+        with database.engine(url).connect() as connection:
+            if force and database.server_version(connection) >= 130000:
+                statement += force
+            connection.rollback()
+            connection.execution_options(isolation_level="AUTOCOMMIT").exec_driver_sql(statement)
+    except DBAPIError as e:
+        raise _failure(e, doing) from None
+
+
+def _failure(error: DBAPIError, doing: str):
+    if database.is_disconnect(error):
+        return DatabaseUnreachable(f"MIGRATE_VERIFY_BASELINE: cannot {doing}: {database.first_line(error)}")
+    hint = (": grant the role CREATEDB, or set MIGRATE_SCRATCH_DATABASE_URL to a database of its own"
+            if database.sqlstate(error) == "42501" else "")
+    return ConfigError(f"MIGRATE_VERIFY_BASELINE: cannot {doing} (SQLSTATE {database.sqlstate(error)}: "
+                       f"{database.first_line(error)}){hint}")

@@ -1,0 +1,22 @@
+"""A Flask application with an app factory, Flask-SQLAlchemy and Flask-Migrate, as `flask db init` expects."""
+
+import os
+
+from flask import Flask
+from flask_migrate import Migrate
+from flask_sqlalchemy import SQLAlchemy
+
+db = SQLAlchemy()
+migrate = Migrate()
+
+
+def create_app():
+    app = Flask(__name__)
+    app.config["SQLALCHEMY_DATABASE_URI"] = os.environ["SHOP_DATABASE_URI"]
+    if os.environ.get("SHOP_AUDIT_DATABASE_URI"):  # a second database, for Flask-Migrate's multidb template
+        app.config["SQLALCHEMY_BINDS"] = {"audit": os.environ["SHOP_AUDIT_DATABASE_URI"]}
+    db.init_app(app)
+    migrate.init_app(app, db)
+    from . import models  # noqa: F401  the models Flask-Migrate's autogenerate compares with
+    app.logger.info("shop application created")
+    return app
