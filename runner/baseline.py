@@ -4,17 +4,20 @@
 env.py's own `alembic upgrade <baseline>` there, reads both schemas from the
 catalog (tables, columns with types and nullability, primary keys, unique
 constraints, indexes, foreign keys) and refuses the stamp, listing every
-difference, when they differ. It writes nothing to the database it proves: the
-only writes are to the scratch database, which it creates on the same server
-(the role needs CREATEDB) or is given (MIGRATE_SCRATCH_DATABASE_URL, whose
-objects owned by its role are dropped), and empties again on every path. The
-created one has a name fixed for the database it proves, so a run killed with
-SIGKILL leaves a leftover that the next run drops; the advisory lock, held
-throughout, keeps two runners from sharing it.
+difference, when they differ. It writes nothing to the database it proves: every
+connection env.py opens during the build must be to the scratch database and
+must not see this runner's advisory lock (which only the proven database shows,
+however its URL is spelled), or it is refused before its first statement. The
+scratch database is created on the same server (the role needs CREATEDB), named
+for the proven database and its lock so that the lock's holder alone uses it,
+and dropped on every path; one a SIGKILL left is dropped by the next proof. Or
+it is given (MIGRATE_SCRATCH_DATABASE_URL): its schemas are dropped before and
+after, under an advisory lock of its own, as services may share it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from contextlib import contextmanager
@@ -27,7 +30,8 @@ from sqlalchemy.engine import URL, Connection
 from sqlalchemy.exc import DBAPIError
 
 from . import database, envpy, revisions
-from .errors import ConfigError, DatabaseUnreachable, LegacyDatabase
+from .errors import ConfigError, DatabaseUnreachable, LegacyDatabase, LockTimeout, RunnerError
+from .lock import Lock, lock_ids
 
 logger = logging.getLogger("runner.baseline")
 
@@ -68,21 +72,22 @@ _SCHEMAS = text(f"SELECT nspname FROM pg_namespace WHERE nspname NOT IN {_SYSTEM
                 f"AND nspname NOT LIKE 'pg_temp_%' AND nspname NOT LIKE 'pg_toast_temp_%'")
 
 
-def scratch_name(lock_key: int) -> str:
-    """The scratch database's name: one per advisory lock, so the lock's holder alone uses it, every run."""
-    return f"migration_runner_scratch_{lock_key & 0xFFFF_FFFF_FFFF_FFFF:016x}"
+def scratch_name(database_name: str, lock_key: int) -> str:
+    """The created scratch database's name: the same every run for one proven database and its lock."""
+    return "migration_runner_scratch_" + hashlib.sha256(f"{database_name}:{lock_key}".encode()).hexdigest()[:16]
 
 
 def prove(config_for: Callable[[URL], Config], baseline: str, *, url: URL, given: URL, schema: str, table: str,
-          lock_key: int, scratch: URL | None) -> None:
+          lock: Lock, scratch: URL | None, lock_timeout: float) -> None:
     """Build `baseline` in a scratch database through env.py and compare it with the database at `url`;
     LegacyDatabase listing the differences when they differ. `config_for(u)` is alembic's config with
     sqlalchemy.url `u`; `given` is DATABASE_URL as the user wrote it (env.py's driver), `url` the
-    runner's; `schema`.`table` the version table; `scratch` is MIGRATE_SCRATCH_DATABASE_URL if set."""
-    with _scratch_database(url, given, lock_key, scratch) as (runner_scratch, env_scratch):
+    runner's; `schema`.`table` the version table; `lock` the runner's advisory lock on the proven
+    database; `scratch` MIGRATE_SCRATCH_DATABASE_URL if set, whose own lock is waited for `lock_timeout`."""
+    with _scratch_database(url, given, lock, scratch, lock_timeout) as (runner_scratch, env_scratch):
         logger.info("building baseline %s in scratch database %s to compare it with the legacy schema",
                     baseline, runner_scratch.database, extra={"baseline": baseline, "scratch": runner_scratch.database})
-        _build(config_for(env_scratch), baseline, env_scratch)
+        _build(config_for(env_scratch), baseline, env_scratch, lock)
         with database.engine(runner_scratch).connect() as connection:
             schemas = sorted({schema, *connection.execute(_SCHEMAS).scalars()})
             built = snapshot(connection, schemas, schema, table)
@@ -126,16 +131,16 @@ def compare(legacy: dict, built: dict) -> list[str]:
     return differences
 
 
-def _build(config: Config, baseline: str, env_scratch: URL) -> None:
+def _build(config: Config, baseline: str, env_scratch: URL, lock: Lock) -> None:
     """`alembic upgrade <baseline>` through env.py, on the scratch database and nowhere else."""
     elsewhere: list[str] = []
 
     def only_scratch(dbapi_connection, record, proxy) -> None:
-        # env.py may build its engine from something other than sqlalchemy.url: refuse any
-        # connection that is not to the scratch database before a statement runs on it. On
-        # checkout, not connect: an application's pool may hand out a connection it opened before.
-        (name,) = database.select_on(dbapi_connection, ["current_database()"])
-        if name != env_scratch.database:
+        # env.py may build its engine from something other than sqlalchemy.url (Flask-Migrate's takes the
+        # application's): refuse, before a statement runs on it, any connection that is not to the scratch
+        # database. On checkout, not connect: a pool may hand out a connection it opened before.
+        name, proven = _where(dbapi_connection, lock)
+        if proven or name != env_scratch.database:
             elsewhere.append(name)
             raise ConfigError(f"env.py connected to {name!r}, not to the scratch database")
 
@@ -152,10 +157,13 @@ def _build(config: Config, baseline: str, env_scratch: URL) -> None:
                 f"MIGRATE_VERIFY_BASELINE: env.py connected to database {elsewhere[0]!r} while building the "
                 f"baseline in the scratch database; it must build its engine from the URL alembic gives it "
                 f"(config.get_main_option('sqlalchemy.url')) or from DATABASE_URL. Nothing was written") from None
+        if isinstance(e, RunnerError):  # a password that could not be fetched, say
+            raise
         if database.is_disconnect(e):
             raise DatabaseUnreachable(f"lost the scratch database while building the baseline: "
                                       f"{database.first_line(e)}") from None
-        raise ConfigError(f"MIGRATE_VERIFY_BASELINE: building baseline {baseline} in the scratch database failed "
+        error = envpy.failure(e)
+        raise type(error)(f"MIGRATE_VERIFY_BASELINE: building baseline {baseline} in the scratch database failed "
                           f"({type(e).__name__}: {database.first_line(e)}); nothing was written") from None
     finally:
         event.remove(pool.Pool, "checkout", only_scratch)
@@ -165,33 +173,51 @@ def _build(config: Config, baseline: str, env_scratch: URL) -> None:
             os.environ["DATABASE_URL"] = saved
 
 
+def _where(dbapi_connection, lock: Lock) -> tuple[str, bool]:
+    """current_database() of a connection, and whether it is the proven database: the one where this
+    runner's advisory lock shows, whatever host name, port or alias its URL uses."""
+    ids = lock_ids(lock.key)
+    name, proven = database.select_on(dbapi_connection, [
+        "current_database()",
+        f"EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND granted AND pid = {int(lock.pid)} "
+        f"AND classid::bigint = {ids['classid']} AND objid::bigint = {ids['objid']} "
+        f"AND database = (SELECT oid FROM pg_database WHERE datname = current_database()))"])
+    return name, bool(proven)
+
+
+# Taken in a given scratch database while it is used: services that share one take turns.
+_SCRATCH_KEY = int.from_bytes(hashlib.sha256(b"migration-runner:scratch").digest()[:8], "big", signed=True)
+
+
 @contextmanager
-def _scratch_database(url: URL, given: URL, lock_key: int, scratch: URL | None) -> Iterator[tuple[URL, URL]]:
-    """An empty scratch database, as (the runner's URL, env.py's URL) of it; emptied or dropped after."""
+def _scratch_database(url: URL, given: URL, lock: Lock, scratch: URL | None,
+                      lock_timeout: float) -> Iterator[tuple[URL, URL]]:
+    """An empty scratch database, as (the runner's URL, env.py's URL) of it; emptied or dropped after,
+    without hiding the error that ended the build."""
     if scratch is not None:
-        if (scratch.host, scratch.port, scratch.database) == (url.host, url.port, url.database):
-            raise ConfigError("MIGRATE_SCRATCH_DATABASE_URL names the database being migrated; it must name a "
-                              "database of its own, whose contents the runner drops")
         runner_scratch = database.with_defaults(database.for_runner(scratch))
-        env_scratch = scratch.set(drivername=given.drivername)
-        _empty(runner_scratch)
         try:
-            yield runner_scratch, env_scratch
-        finally:
-            _empty(runner_scratch)
+            with database.engine(runner_scratch).connect() as holder:
+                _take(holder, lock, lock_timeout)
+                _empty(holder)
+                try:
+                    yield runner_scratch, scratch.set(drivername=given.drivername)
+                except BaseException:
+                    _quietly(lambda: _empty(holder))
+                    raise
+                _empty(holder)
+        except DBAPIError as e:
+            raise _failure(e, "use MIGRATE_SCRATCH_DATABASE_URL") from None
         return
-    name = scratch_name(lock_key)
-    drop_leftover(url, lock_key)  # a leftover of a run killed before it could drop it
+    name = scratch_name(url.database, lock.key)
+    _drop(url, name)  # a leftover of a run killed before it could drop it
     _admin(url, f'CREATE DATABASE "{name}" TEMPLATE template0', "create the scratch database")
     try:
         yield url.set(database=name), given.set(database=name)
-    finally:
-        _drop(url, name)
-
-
-def drop_leftover(url: URL, lock_key: int) -> None:
-    """Drop the scratch database a run killed with SIGKILL left behind, if any."""
-    _drop(url, scratch_name(lock_key))
+    except BaseException:
+        _quietly(lambda: _drop(url, name))
+        raise
+    _drop(url, name)
 
 
 def _drop(url: URL, name: str) -> None:
@@ -199,15 +225,43 @@ def _drop(url: URL, name: str) -> None:
     _admin(url, f'DROP DATABASE IF EXISTS "{name}"', "drop the scratch database", force=" WITH (FORCE)")
 
 
-def _empty(runner_scratch: URL) -> None:
-    """Drop everything the scratch URL's role owns there (a killed run's leftovers too); keep `public`."""
+def _quietly(cleanup: Callable[[], None]) -> None:
+    """A cleanup on the way out of a failure: its own failure is logged, the first one is what is reported."""
     try:
-        with database.engine(runner_scratch).connect() as connection:
-            connection.exec_driver_sql("DROP OWNED BY CURRENT_USER")
-            connection.exec_driver_sql("CREATE SCHEMA IF NOT EXISTS public")
-            connection.commit()
+        cleanup()
+    except Exception as e:
+        logger.warning("MIGRATE_VERIFY_BASELINE: the scratch database was not cleaned up: %s", e)
+
+
+def _take(holder: Connection, lock: Lock, lock_timeout: float) -> None:
+    """Make sure the given scratch database is not the proven one, then take its own lock for this build."""
+    _, proven = _where(holder.connection.dbapi_connection, lock)
+    if proven:
+        raise ConfigError("MIGRATE_SCRATCH_DATABASE_URL names the database being migrated; it must name a "
+                          "database of its own, whose schemas the runner drops")
+    holder.exec_driver_sql(f"SET lock_timeout = {max(1, int(lock_timeout * 1000))}")
+    try:
+        holder.exec_driver_sql(f"SELECT pg_advisory_lock({_SCRATCH_KEY})")
     except DBAPIError as e:
-        raise _failure(e, "empty MIGRATE_SCRATCH_DATABASE_URL") from None
+        if database.sqlstate(e) == "55P03":
+            raise LockTimeout(f"MIGRATE_SCRATCH_DATABASE_URL is in use by another runner's baseline proof for "
+                              f"longer than {lock_timeout:g}s (MIGRATE_LOCK_TIMEOUT)") from None
+        raise
+    holder.exec_driver_sql("RESET lock_timeout")
+    holder.commit()
+
+
+def _empty(holder: Connection) -> None:
+    """Drop every schema of the given scratch database (a killed run's leftovers too) and make `public` again.
+
+    Not DROP OWNED, which also revokes the role's privileges on shared objects, such as
+    CONNECT on the application's database.
+    """
+    quote = holder.dialect.identifier_preparer.quote
+    for name in holder.execute(_SCHEMAS).scalars().all():
+        holder.exec_driver_sql(f"DROP SCHEMA {quote(name)} CASCADE")
+    holder.exec_driver_sql("CREATE SCHEMA public")
+    holder.commit()
 
 
 def _admin(url: URL, statement: str, doing: str, force: str = "") -> None:
@@ -222,10 +276,12 @@ def _admin(url: URL, statement: str, doing: str, force: str = "") -> None:
         raise _failure(e, doing) from None
 
 
-def _failure(error: DBAPIError, doing: str):
+def _failure(error: DBAPIError, doing: str) -> RunnerError:
     if database.is_disconnect(error):
         return DatabaseUnreachable(f"MIGRATE_VERIFY_BASELINE: cannot {doing}: {database.first_line(error)}")
-    hint = (": grant the role CREATEDB, or set MIGRATE_SCRATCH_DATABASE_URL to a database of its own"
-            if database.sqlstate(error) == "42501" else "")
+    hint = ""
+    if database.sqlstate(error) == "42501":
+        hint = (": the role must own that database and its schemas" if "URL" in doing else
+                ": grant the role CREATEDB, or set MIGRATE_SCRATCH_DATABASE_URL to a database of its own")
     return ConfigError(f"MIGRATE_VERIFY_BASELINE: cannot {doing} (SQLSTATE {database.sqlstate(error)}: "
                        f"{database.first_line(error)}){hint}")

@@ -58,13 +58,14 @@ def upgrade(settings: Settings, report: Report) -> int:
         if not settings.verify_baseline or settings.baseline_revision in (None, "base"):
             return
         scratch = settings.scratch_url()
-        if scratch is None:
-            baseline.drop_leftover(url, lock.key)
+        if scratch is not None:
+            log.add_secret(scratch.password)
         state = _read_state_or_fail(config, script, settings)
         if state.kind == "legacy":
             revision = revisions.refuse_legacy(state, settings.baseline_revision, script)
             baseline.prove(functools.partial(_config, settings), revision, url=url, given=settings.url(),
-                           schema=state.schema, table=state.table, lock_key=lock.key, scratch=scratch)
+                           schema=state.schema, table=state.table, lock=lock, scratch=scratch,
+                           lock_timeout=settings.lock_timeout)
 
     progress, reached = _under_lock(settings, report, url, script, decide, run, before=prove_baseline)
     report.applied = revisions.applied_between(script, progress.start, reached)

@@ -31,7 +31,7 @@ from pathlib import Path
 from sqlalchemy import event
 from sqlalchemy.engine import URL, Engine
 
-from . import log
+from . import database, log
 from .errors import ConfigError, DatabaseUnreachable
 
 FILE = "DATABASE_PASSWORD_FILE"
@@ -52,6 +52,7 @@ class Source:
     """Where each login's password comes from, and whose logins get it."""
 
     user: str | None
+    hosts: frozenset[str] = frozenset()  # the URL's servers: no other server is sent the password
     file: Path | None = None
     command: tuple[str, ...] = ()
     timeout: float = 30.0
@@ -78,6 +79,7 @@ def configure(settings, url: URL) -> None:
         raise ConfigError(f"{FILE} and {COMMAND} are both set; set at most one")
     name = FILE if file is not None else COMMAND
     user = url.username or url.query.get("user")  # whose logins get the password
+    hosts = frozenset(host for host, _ in database.hosts(url) if host)
     if url.password or url.query.get("password"):
         raise ConfigError(f"{name} is set, but DATABASE_URL holds a password too; leave the password out of the URL "
                           f"(each login takes it from {name})")
@@ -91,9 +93,9 @@ def configure(settings, url: URL) -> None:
         if shutil.which(argv[0]) is None:
             raise ConfigError(f"{COMMAND}: {os.path.basename(argv[0])} is not found on PATH or not executable; "
                               f"install it in the image (a derived image)")
-        _source = Source(user, command=argv, timeout=settings.password_command_timeout)
+        _source = Source(user, hosts, command=argv, timeout=settings.password_command_timeout)
     else:
-        _source = Source(user, file=file)
+        _source = Source(user, hosts, file=file)
     if not _listening:
         # On the Engine class: every dialect, whichever engine env.py builds and whenever.
         event.listen(Engine, "do_connect", _on_connect)
@@ -101,11 +103,22 @@ def configure(settings, url: URL) -> None:
 
 
 def fill(params: dict) -> dict:
-    """Give connection parameters a fresh password when they have none and log in as the URL's user."""
+    """Give connection parameters a fresh password when they have none and log in as the URL's user
+    to the URL's servers (a scratch database elsewhere, with the same user name, gets none)."""
     source = _source
-    if source is not None and not params.get("password") and params.get("user") == source.user:
+    if (source is not None and not params.get("password") and params.get("user") == source.user
+            and _servers(params) <= source.hosts):
         params["password"] = source.fetch()
     return params
+
+
+def _servers(params: dict) -> frozenset[str]:
+    """The hosts connection parameters name: libpq's comma list, asyncpg's list, or one."""
+    host = params.get("host")
+    if host is None:
+        return frozenset()
+    items = host if isinstance(host, (list, tuple)) else str(host).split(",")
+    return frozenset(str(item).strip() for item in items if str(item).strip())
 
 
 def may_be_stale(error: BaseException) -> bool:

@@ -83,6 +83,10 @@ def hosts(url: URL) -> list[tuple[str | None, str | None]]:
     Raises ValueError, saying what is wrong, for a list SQLAlchemy's dialects would refuse.
     """
     given, ports = url.query.get("host"), url.query.get("port")
+    if given is not None and "[" in str(given):
+        # SQLAlchemy's dialects split host=HOST:PORT at every colon: [::1]:5432 would crash them.
+        raise ValueError("an IPv6 address in the query's host list cannot be read by SQLAlchemy; name the "
+                         "servers by host name")
     if isinstance(ports, tuple):
         raise ValueError("`port` is given more than once; list the ports as port=5432,5433")
     if given is None:
@@ -183,6 +187,16 @@ def settings_sql() -> list[str]:
 def _literal(value: str) -> str:
     # An E'' string reads backslashes the same whatever standard_conforming_strings says.
     return "E'" + value.replace("\\", "\\\\").replace("'", "''") + "'"
+
+
+def server_reached(dbapi_connection) -> tuple[str, int] | None:
+    """(host, port) of the server a psycopg 3 connection reached: of a multi-host URL's, the one it chose."""
+    info = getattr(dbapi_connection, "info", None)  # psycopg 3's ConnectionInfo
+    try:
+        host, port = info.host, info.port
+    except Exception:  # closed meanwhile, or another driver
+        return None
+    return (host, port) if host and port else None
 
 
 def first_line(error: BaseException) -> str:

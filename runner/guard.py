@@ -360,7 +360,7 @@ def _terminate(lock: Lock, pids: list[int]) -> None:
 def _server_of(lock: Lock) -> dict:
     """host and port of the server the lock's session reached: of a multi-host URL's, the one that matters."""
     try:
-        info = lock.connection.connection.dbapi_connection.info  # psycopg 3, the runner's own driver
-        return {"host": info.host, "port": info.port} if info.host and info.port else {}
+        reached = database.server_reached(lock.connection.connection.dbapi_connection)
     except Exception:  # closed meanwhile: the URL's list it is
-        return {}
+        reached = None
+    return {"host": reached[0], "port": reached[1]} if reached else {}

@@ -89,8 +89,8 @@ class Settings(BaseSettings):
                     "and refuse the stamp (exit 6, nothing written) unless the legacy schema matches it.")
     scratch_database_url: SecretStr | None = Field(
         None, alias="MIGRATE_SCRATCH_DATABASE_URL",
-        description="Database MIGRATE_VERIFY_BASELINE builds the baseline in, emptied before and after (everything "
-                    "its role owns there is dropped); default a database it creates and drops on the same server "
+        description="Database MIGRATE_VERIFY_BASELINE builds the baseline in, owned by its role: every schema in "
+                    "it is dropped before and after; default a database it creates and drops on the same server "
                     "(the role needs CREATEDB).")
     allow_multiple_heads: bool = Field(
         False, alias="MIGRATE_ALLOW_MULTIPLE_HEADS",
@@ -279,7 +279,8 @@ def quit_urls_from_env() -> list[str]:
 
 
 # Variables whose value may hold a password: an error about them never shows it.
-_UNECHOED = ("DATABASE_URL", "DATABASE_URL_FILE", "MIGRATE_QUIT_URLS", "MIGRATE_SCRATCH_DATABASE_URL", "MIGRATE_PASSWORD_COMMAND")
+_UNECHOED = ("DATABASE_URL", "DATABASE_URL_FILE", "MIGRATE_QUIT_URLS", "MIGRATE_SCRATCH_DATABASE_URL",
+             "MIGRATE_PASSWORD_COMMAND")
 
 
 def _describe(err: dict) -> str:

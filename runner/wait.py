@@ -144,9 +144,8 @@ def first_login(url: URL, timeout: float, sleep=time.sleep, *,
 
 def _server(connection: Connection, where: str) -> str:
     """host:port of the server a session reached (which of a multi-host URL's), else the URL's `where`."""
-    info = getattr(connection.connection.dbapi_connection, "info", None)  # psycopg 3's ConnectionInfo
-    host, port = getattr(info, "host", None), getattr(info, "port", None)
-    return f"{host}:{port}" if host and port else where
+    reached = database.server_reached(connection.connection.dbapi_connection)
+    return f"{reached[0]}:{reached[1]}" if reached else where
 
 
 def _primary_hint(url: URL) -> str:

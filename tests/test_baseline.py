@@ -17,6 +17,7 @@ import pytest
 from .conftest import (RUNNER_PASSWORD, RUNNER_ROLE, advisory_locks, finish, run_runner, runner_env, start_runner,
                        version_rows)
 from .fidelity import schema_dump
+from .postgres import Postgres
 from .projects import Rev, make_project
 from .test_cli import wait_for
 
@@ -138,12 +139,42 @@ def test_given_scratch_database_is_used_and_emptied(postgres, database, database
     assert RUNNER_PASSWORD not in refused.output + done.output
 
 
-def test_scratch_url_naming_the_migrated_database_is_refused(database_url, ini):
+def test_scratch_url_naming_the_migrated_database_is_refused_however_spelled(postgres, database, database_url, ini):
     legacy(database_url, *USERS, *ORDERS)
-    result = run_runner(verifying(database_url, ini, MIGRATE_SCRATCH_DATABASE_URL=database_url), "upgrade")
+    before = schema_dump(postgres, database)
+    # Another host name for the same server: only the runner's own lock, visible there, tells.
+    alias = postgres.url(database, RUNNER_ROLE, RUNNER_PASSWORD, host="localhost")
+    result = run_runner(verifying(database_url, ini, MIGRATE_SCRATCH_DATABASE_URL=alias), "upgrade")
     assert result.returncode == 2, result
     assert "names the database being migrated" in result.last["event"]
+    assert schema_dump(postgres, database) == before  # its tables were not dropped as a scratch's would be
     assert version_rows(database_url) == []
+    assert RUNNER_PASSWORD not in result.output
+
+
+def test_env_py_on_the_real_database_is_stopped_even_when_the_scratch_has_its_name(tmp_path, postgres, database,
+                                                                                   database_url):
+    """The scratch database on another server, named as the real one: the name alone cannot tell them apart."""
+    other = Postgres().start()
+    try:
+        other.create_role(RUNNER_ROLE, RUNNER_PASSWORD)
+        other.create_database(database, RUNNER_ROLE)
+        scratch_url = other.url(database, RUNNER_ROLE, RUNNER_PASSWORD)
+        ini = make_project(tmp_path / "p", REVISIONS)
+        env = tmp_path / "p" / "migrations" / "env.py"
+        # env.py with the application's own URL baked in, as Flask-Migrate's takes the application's.
+        env.write_text(env.read_text().replace(
+            'config.get_section(config.config_ini_section, {})',
+            f'{{"sqlalchemy.url": {database_url.replace("postgresql://", "postgresql+psycopg://")!r}}}'))
+        legacy(database_url, *USERS)  # b0002's orders table is missing: a build here would add it
+        before = schema_dump(postgres, database)
+        result = run_runner(verifying(database_url, ini, MIGRATE_SCRATCH_DATABASE_URL=scratch_url), "upgrade")
+        assert result.returncode == 2, result
+        assert "must build its engine from the URL alembic gives it" in result.last["event"]
+        assert schema_dump(postgres, database) == before
+        assert version_rows(database_url) == []
+    finally:
+        other.destroy()
 
 
 def test_env_py_that_ignores_the_url_is_stopped_before_it_writes(tmp_path, postgres, database, database_url):

@@ -332,3 +332,27 @@ def test_a_missing_password_file_is_waited_for_then_exit_3(postgres, role, owned
     assert result.returncode == 0, result
     assert result.last["applied"] == ["r0001"]
     assert_never_shown([password], result)
+
+
+@pytest.mark.parametrize("params, gets_it", [
+    ({"user": "app", "host": "db-0"}, True),
+    ({"user": "app", "host": "db-0,db-1"}, True),  # psycopg's multi-host list
+    ({"user": "app", "host": ["db-1"]}, True),  # asyncpg's
+    ({"user": "app", "host": "scratch.elsewhere"}, False),  # the same user name on another server
+    ({"user": "app", "host": ["db-0", "elsewhere"]}, False),
+    ({"user": "other", "host": "db-0"}, False),
+    ({"user": "app", "host": "db-0", "password": "its-own"}, False),
+])
+def test_only_logins_to_the_urls_servers_as_its_user_get_the_password(tmp_path, monkeypatch, params, gets_it):
+    from sqlalchemy.engine import make_url
+
+    from runner import credentials
+    from runner.settings import Settings
+
+    secret = tmp_path / "password"
+    secret.write_text("rotated-secret\n")
+    monkeypatch.setenv("DATABASE_PASSWORD_FILE", str(secret))
+    monkeypatch.setattr(credentials, "_source", None)
+    credentials.configure(Settings(), make_url("postgresql://app@/shop?host=db-0:5432&host=db-1:5432"))
+    filled = credentials.fill(dict(params))
+    assert (filled.get("password") == "rotated-secret") is gets_it, filled

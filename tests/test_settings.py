@@ -97,3 +97,9 @@ def test_quit_urls_are_read_on_their_own_when_the_settings_are_invalid(monkeypat
     assert quit_urls_from_env() == ["http://h:1/a", "https://h/c"]
     monkeypatch.delenv("MIGRATE_QUIT_URLS")
     assert quit_urls_from_env() == []
+
+
+def test_an_ipv6_address_in_a_multi_host_list_is_a_config_error_not_a_crash():
+    with pytest.raises(ConfigError, match="IPv6") as caught:
+        parse_url("postgresql://u:secret-pw@/d?host=[::1]:5432&host=[::2]:5433")
+    assert "secret-pw" not in str(caught.value)
