@@ -178,6 +178,20 @@ def test_a_legacy_database_is_refused_then_stamped_with_the_baseline(flask_proje
     assert "payments" in tables(database_url)
 
 
+def test_the_application_url_without_a_password_gets_a_rotating_one(flask_project, postgres, database,
+                                                                    database_url, tmp_path):
+    """SQLALCHEMY_DATABASE_URI without a password, DATABASE_PASSWORD_FILE beside it (#15 with #16): the
+    application's engine, which env.py migrates with, logs in with the file's password too."""
+    secret = tmp_path / "password"
+    secret.write_text(RUNNER_PASSWORD + "\n")
+    app_url = f"postgresql://{RUNNER_ROLE}@{postgres.host}:{postgres.port}/{database}"
+    result = run_runner(app_env(app_url, DATABASE_PASSWORD_FILE=str(secret)), cwd=flask_project.root)
+    assert result.returncode == 0, result
+    assert result.last["applied"] == flask_project.revisions
+    assert version_rows(database_url) == [flask_project.head]
+    assert RUNNER_PASSWORD not in result.output
+
+
 # -- the read-only commands in the application context ---------------------------------------------
 def test_every_command_runs_in_the_application_context(flask_project, database_url):
     env = app_env(database_url, MIGRATE_WAIT_TIMEOUT="1")

@@ -736,8 +736,10 @@ def test_rendered_job_takes_a_rotating_password_from_a_file_or_a_command(postgre
         secret = tmp_path / "root" / "vault" / "secrets" / "db-password"
     else:  # a token CLI, as the README's examples run one: each call prints the password
         secret = tmp_path / "db-password"
-        values["config"]["passwordCommand"] = (f"{sys.executable} -c 'import sys; print(open(sys.argv[1]).read()"
-                                               f".strip())' {secret}")
+        # Through env(1): a command starting with this checkout's path would be taken for a path in the pod
+        # (by remap) when the checkout is under /tmp, where the Job mounts an emptyDir.
+        values["config"]["passwordCommand"] = (f"env {sys.executable} -c 'import sys; print(open(sys.argv[1])"
+                                               f".read().strip())' {secret}")
     secret.parent.mkdir(parents=True, exist_ok=True)
     secret.write_text(RUNNER_PASSWORD + "\n")
     docs = render(values)
