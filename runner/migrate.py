@@ -131,8 +131,15 @@ def _recorder(record: lineage.Lineage, state: revisions.State, progress: Progres
     """An on_version_apply callback writing `record` as the version table's comment, when it changed."""
     comment = lineage.encode(record)
     warned = []
+    # Once written (or found, or refused) the comment stays so for the rest of the run: a later step's
+    # failure ends the run, and a retry runs env.py, and so a new recorder, again. Asking once, not at
+    # each of a thousand steps, keeps the lineage's cost to one query per run.
+    settled = []
 
     def record_lineage(ctx, **_) -> None:
+        if settled:
+            return
+        settled.append(True)
         progress.recording = True  # a failure from here on is the lineage's, not the revision's
         connection = ctx.connection
         found = connection.execute(_OWNER_AND_COMMENT, {"table": state.table, "schema": state.schema}).first()
