@@ -30,7 +30,7 @@ from alembic.config import Config
 from pydantic import SecretStr
 from sqlalchemy.engine import URL
 
-from . import database, log, revisions
+from . import credentials, database, log, revisions
 from .errors import ConfigError, RunnerError
 from .settings import Settings, parse_url
 
@@ -46,6 +46,9 @@ def application(settings: Settings) -> Iterator[Settings]:
     if settings.flask_app is None:
         yield settings
         return
+    if settings.database_url is not None or settings.database_url_file is not None:
+        # An application that connects while it is created logs in with the rotating password too.
+        credentials.configure(settings, settings.url())
     app = _load(_flask_cli(), settings.flask_app)
     with app.app_context():
         migrate = app.extensions.get("migrate")

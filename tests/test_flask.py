@@ -191,6 +191,13 @@ def test_the_application_url_without_a_password_gets_a_rotating_one(flask_projec
     assert version_rows(database_url) == [flask_project.head]
     assert RUNNER_PASSWORD not in result.output
 
+    # An application that connects while it is created, DATABASE_URL naming the same database: the
+    # rotating password is in place before the application is loaded.
+    again = run_runner(app_env(app_url, app_url, DATABASE_PASSWORD_FILE=str(secret), SHOP_CONNECT_AT_START="1"),
+                       cwd=flask_project.root)
+    assert again.returncode == 0 and again.last["outcome"] == "current", again
+    assert RUNNER_PASSWORD not in again.output
+
 
 # -- the read-only commands in the application context ---------------------------------------------
 def test_every_command_runs_in_the_application_context(flask_project, database_url):

@@ -18,5 +18,11 @@ def create_app():
     db.init_app(app)
     migrate.init_app(app, db)
     from . import models  # noqa: F401  the models Flask-Migrate's autogenerate compares with
+    if os.environ.get("SHOP_CONNECT_AT_START"):  # as applications that warm their pool or check the database do
+        from sqlalchemy import text
+
+        with app.app_context():
+            db.session.execute(text("SELECT 1"))
+            db.session.remove()
     app.logger.info("shop application created")
     return app
