@@ -31,11 +31,9 @@ from sqlalchemy.exc import DBAPIError
 
 from . import database, envpy, revisions
 from .errors import ConfigError, DatabaseUnreachable, LegacyDatabase, LockTimeout, RunnerError
-from .lock import Lock, lock_ids
+from .lock import Lock, key_for, lock_ids
 
 logger = logging.getLogger("runner.baseline")
-
-_SYSTEM_SCHEMAS = "('pg_catalog', 'information_schema', 'pg_toast')"
 
 # (table, kind, name, definition) rows for the tables of the schemas `:schemas`, leaving out the
 # version table and the tables of extensions (PostGIS's spatial_ref_sys). Definitions come from
@@ -68,8 +66,8 @@ _SNAPSHOT = text("""
      WHERE NOT EXISTS (SELECT 1 FROM pg_constraint k WHERE k.conindid = x.indexrelid AND k.contype IN ('p', 'u'))
 """)
 
-_SCHEMAS = text(f"SELECT nspname FROM pg_namespace WHERE nspname NOT IN {_SYSTEM_SCHEMAS} "
-                f"AND nspname NOT LIKE 'pg_temp_%' AND nspname NOT LIKE 'pg_toast_temp_%'")
+_SCHEMAS = text("SELECT nspname FROM pg_namespace WHERE nspname NOT IN ('pg_catalog', 'information_schema', "
+                "'pg_toast') AND nspname NOT LIKE 'pg_temp_%' AND nspname NOT LIKE 'pg_toast_temp_%'")
 
 
 def scratch_name(database_name: str, lock_key: int) -> str:
@@ -186,7 +184,7 @@ def _where(dbapi_connection, lock: Lock) -> tuple[str, bool]:
 
 
 # Taken in a given scratch database while it is used: services that share one take turns.
-_SCRATCH_KEY = int.from_bytes(hashlib.sha256(b"migration-runner:scratch").digest()[:8], "big", signed=True)
+_SCRATCH_KEY = key_for("migration-runner:scratch")
 
 
 @contextmanager

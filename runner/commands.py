@@ -59,7 +59,7 @@ def upgrade(settings: Settings, report: Report) -> int:
             return
         scratch = settings.scratch_url()
         if scratch is not None:
-            log.add_secret(scratch.password)
+            log.add_url_secrets(scratch)
         state = _read_state_or_fail(config, script, settings)
         if state.kind == "legacy":
             revision = revisions.refuse_legacy(state, settings.baseline_revision, script)
@@ -433,8 +433,7 @@ def _config_and_scripts(settings: Settings, given: URL) -> tuple[Config, ScriptD
 
 def _config(settings: Settings, given: URL) -> Config:
     """alembic's config with `given` as sqlalchemy.url, its secrets masked from now on."""
-    log.add_secret(given.password)
-    log.add_secret(given.query.get("password"))
+    log.add_url_secrets(given)
     return revisions.load_config(settings.alembic_config, given, section=settings.alembic_section,
                                  x_args=settings.x_arguments())
 

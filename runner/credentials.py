@@ -121,6 +121,11 @@ def _servers(params: dict) -> frozenset[str]:
     return frozenset(str(item).strip() for item in items if str(item).strip())
 
 
+def cured_by_waiting(error: BaseException) -> bool:
+    """Whether the password, not the database, failed this login in a way the next fetch may cure."""
+    return isinstance(error, Unavailable) or may_be_stale(error)
+
+
 def may_be_stale(error: BaseException) -> bool:
     """Whether a refused login may only have raced a rotation, so that the next fetch can cure it.
 

@@ -109,9 +109,7 @@ def _from_application(app, migrate, settings: Settings) -> dict:
                               f"DATABASE_URL")
         return update
     raw = engine_url.render_as_string(hide_password=False)
-    log.add_secret(engine_url.password)
-    if isinstance(engine_url.query.get("password"), str):
-        log.add_secret(engine_url.query["password"])
+    log.add_url_secrets(engine_url)
     ours = parse_url(raw, "the application's SQLALCHEMY_DATABASE_URI")
     if given:
         stated = settings.url()

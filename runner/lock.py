@@ -47,8 +47,12 @@ _HOLDERS = text("""
 
 def derive_key(database_name: str, schema: str, table: str) -> int:
     """First 8 bytes of sha256("migration-runner:<database>:<schema>.<table>"), signed big-endian."""
-    digest = hashlib.sha256(f"migration-runner:{database_name}:{schema}.{table}".encode()).digest()
-    return int.from_bytes(digest[:8], "big", signed=True)
+    return key_for(f"migration-runner:{database_name}:{schema}.{table}")
+
+
+def key_for(name: str) -> int:
+    """An advisory lock key (signed 64-bit) for a name: the first 8 bytes of its sha256."""
+    return int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big", signed=True)
 
 
 def lock_ids(key: int) -> dict:
@@ -83,8 +87,7 @@ def fence_key(key: int) -> int:
     migrates, so it waits until no migration session of an earlier holder that
     lost its lock is still running on the server.
     """
-    digest = hashlib.sha256(f"migration-runner-fence:{key}".encode()).digest()
-    return int.from_bytes(digest[:8], "big", signed=True)
+    return key_for(f"migration-runner-fence:{key}")
 
 
 @dataclass

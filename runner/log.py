@@ -38,6 +38,13 @@ MASK = "***"
 _format = "text"
 
 
+def add_url_secrets(url) -> None:
+    """Mask a SQLAlchemy URL's password, in its user info or its query (?password=), from now on."""
+    for secret in (url.password, url.query.get("password")):
+        if isinstance(secret, str):
+            add_secret(secret)
+
+
 def add_secret(secret: str | None) -> None:
     """Mask this value, raw and percent-encoded, in all output from now on."""
     global _secret_pattern

@@ -130,7 +130,6 @@ _OWNER_AND_COMMENT = text("""
 def _recorder(record: lineage.Lineage, state: revisions.State, progress: Progress):
     """An on_version_apply callback writing `record` as the version table's comment, when it changed."""
     comment = lineage.encode(record)
-    warned = []
     # Once written (or found, or refused) the comment stays so for the rest of the run: a later step's
     # failure ends the run, and a retry runs env.py, and so a new recorder, again. Asking once, not at
     # each of a thousand steps, keeps the lineage's cost to one query per run.
@@ -151,8 +150,7 @@ def _recorder(record: lineage.Lineage, state: revisions.State, progress: Progres
             # no bind parameters, and no_parameters keeps every driver from reading its '%' as a placeholder.
             connection.exec_driver_sql(f"COMMENT ON TABLE {table} IS {_dollar_quoted(comment)}",
                                        execution_options={"no_parameters": True})
-        elif current != comment and not warned:
-            warned.append(True)
+        elif current != comment:
             why = "the role does not own it" if not owner else "it holds a comment of its own"
             logger.warning("not recording the lineage on %s.%s (%s): an older image will treat this "
                            "database as unknown and exit 8 unless MIGRATE_ALLOW_AHEAD=always",

@@ -111,9 +111,8 @@ def first_login(url: URL, timeout: float, sleep=time.sleep, *,
         wait=tenacity.wait_random_exponential(multiplier=0.2, max=2),
         # A password command that failed (a token service briefly down), or a rotated password refused
         # before its file caught up, is waited out like the database.
-        retry=tenacity.retry_if_exception(lambda e: isinstance(e, DBAPIError) and (
-                                              fatal_reason(e) is None or credentials.may_be_stale(e))
-                                          or isinstance(e, (credentials.Unavailable, OnStandby))),
+        retry=tenacity.retry_if_exception(lambda e: credentials.cured_by_waiting(e) or isinstance(e, OnStandby)
+                                          or isinstance(e, DBAPIError) and fatal_reason(e) is None),
         before_sleep=log_retry,
         sleep=sleep,
         reraise=True,
