@@ -1,0 +1,180 @@
+"""Real applications from PyPI, each in its own virtualenv with its own pins, migrated by the runner and by the
+application's own upgrade command on twin databases (#21, #22).
+
+tests/test_real_projects.py runs packages' Alembic histories in the project's .venv against plain
+`alembic`; here the reference is what each application tells its operators to run, and the runner is
+installed beside the application (tests/apps.py: `.venv-apps/<name>`, built by the first test that
+needs it), so env.py and the application run with the versions the application resolves. Each
+application does something an `alembic init` or `flask db init` template does not:
+
+- Apache Airflow 3.3.2 (apache-airflow-core, its shipped `airflow/alembic.ini` and env.py unchanged):
+  importing `airflow` configures logging with `dictConfig` (its task-log handlers) and validates it;
+  env.py ignores `sqlalchemy.url` and migrates through `airflow.settings.engine`, built from
+  AIRFLOW__DATABASE__SQL_ALCHEMY_CONN; `transaction_per_migration=True`, `render_as_batch=True`;
+  a 2.6.2 squashed first revision. Reference: `airflow db migrate`, from a database at 3.2.0.
+- ihatemoney 7.2.1 (Flask-Migrate): ships `migrations/alembic.ini` with `script_location = .`,
+  which only Flask-Migrate's `Migrate` directory makes right; `create_app()` itself calls
+  `flask_migrate.upgrade()` (every process that creates the application migrates, unlocked); env.py
+  calls `fileConfig` unconditionally and replaces `sqlalchemy.url` with the application's URI.
+  Reference: `ihatemoney db upgrade` (its own CLI, a FlaskGroup around `create_app`).
+- privacyIDEA 3.12.3 (Flask-Migrate, pins SQLAlchemy<2.0): its own virtualenv resolves SQLAlchemy
+  1.4 (#22); `create_app()` upserts this node's row in `nodename` when that table exists (a write
+  at creation); `Migrate(directory=...)` is the installed package's absolute migrations directory;
+  env.py migrates on an AUTOCOMMIT connection, and many revisions swallow their own errors.
+  Reference: `pi-manage db upgrade` (what `privacyidea-schema-upgrade` runs).
+
+Compared: `pg_dump --schema-only` and the version rows (tests/fidelity.py), the runner's output (JSON
+lines ending with its summary, no password) and its summary (`applied` is what it committed). Run
+alone with `python3 dev.py test -m real_apps`.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from .apps import App, AppVenv, app_venv
+from .conftest import RUNNER_PASSWORD, Result, advisory_locks
+from .fidelity import Twins, schema_dump, version_table_rows
+
+pytestmark = pytest.mark.real_apps
+
+
+# -- helpers ----------------------------------------------------------------------------------
+def summary(result: Result) -> dict:
+    """The runner's last output line, which must be its JSON summary."""
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert lines, result
+    try:
+        found = json.loads(lines[-1])
+    except ValueError:
+        raise AssertionError(f"the last line is not JSON: {lines[-1]!r}\n{result!r}") from None
+    assert isinstance(found, dict) and "exit_code" in found, found
+    return found
+
+
+def not_json(result: Result) -> list[str]:
+    """Output lines that are not JSON objects (README: in JSON mode every line is one)."""
+    bad = []
+    for line in result.output.splitlines():
+        if not line.strip():
+            continue
+        try:
+            if not isinstance(json.loads(line), dict):
+                bad.append(line)
+        except ValueError:
+            bad.append(line)
+    return bad
+
+
+def assert_clean(result: Result) -> None:
+    """Only JSON lines, the summary last, and the role's password nowhere (raw or URL-quoted)."""
+    assert not_json(result) == [], not_json(result)[:10]
+    summary(result)
+    assert RUNNER_PASSWORD not in result.output and "p%25w%40rd" not in result.output, "password in the output"
+
+
+def assert_same(twins: Twins) -> None:
+    """The twins hold the same version rows and schema; fails with the first lines of the dumps' difference."""
+    assert version_table_rows(twins.postgres, twins.plain) == version_table_rows(twins.postgres, twins.runner)
+    plain, runner = schema_dump(twins.postgres, twins.plain), schema_dump(twins.postgres, twins.runner)
+    diff = list(difflib.unified_diff(plain.splitlines(), runner.splitlines(), "own command", "runner", lineterm=""))
+    assert not diff, "\n".join(diff[:60])
+
+
+def with_scheme(url: str, scheme: str) -> str:
+    return url.replace("postgresql://", f"{scheme}://", 1)
+
+
+def runner_settings(venv: AppVenv, database_url: str | None, **extra: str) -> dict:
+    """The runner's environment in the application's virtualenv, as tests/conftest.runner_env makes it."""
+    env = venv.env(MIGRATE_LOG_FORMAT="json", MIGRATE_WAIT_TIMEOUT="10", MIGRATE_LOCK_TIMEOUT="120", **extra)
+    if database_url:
+        env["DATABASE_URL"] = database_url
+    return env
+
+
+def revisions_between(venv: AppVenv, script_location: Path, lower: str | None, env: dict) -> list[str]:
+    """The revisions after `lower` (exclusive; None: from base) up to the heads, oldest first, read by
+    alembic in the application's virtualenv (revision files import the application's modules)."""
+    code = ("import json, sys\nfrom alembic.script import ScriptDirectory\n"
+            "s = ScriptDirectory(sys.argv[1])\n"
+            "lower = sys.argv[2] or None\n"
+            "print(json.dumps([r.revision for r in s.iterate_revisions('heads', lower)][::-1]))")
+    done = venv.run([str(venv.python), "-c", code, str(script_location), lower or ""], env, timeout=120)
+    assert done.returncode == 0, done
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+# -- Apache Airflow 3.3.2 ------------------------------------------------------------------------
+# apache-airflow-core alone (not the apache-airflow meta-package and its providers): what `airflow db
+# migrate` needs. Airflow derives an async engine from the sync URL at import (asyncpg for postgresql),
+# and its docs name psycopg2 for the metadata database: both drivers are what the postgres provider
+# would bring, without the provider.
+AIRFLOW = App("airflow-3.3.2", ("apache-airflow-core==3.3.2", "psycopg2-binary>=2.9", "asyncpg>=0.29"))
+AIRFLOW_3_2_0 = "1d6611b6ab7c"  # airflow.utils.db._REVISION_HEADS_MAP["3.2.0"] in 3.3.2
+
+
+def airflow_env(venv: AppVenv, home: Path, url: str, **extra: str) -> dict:
+    """Airflow's own settings for a twin: a private AIRFLOW_HOME and the metadata database over psycopg2.
+
+    psycopg2, as Airflow's docs configure it: with SQLAlchemy 2.1's default psycopg 3 driver for
+    `postgresql://`, a 3.2 -> 3.3 revision fails on PostgreSQL in `airflow db migrate` itself
+    (DatatypeMismatch, `UPDATE dag SET max_consecutive_failed_dag_runs=$1::VARCHAR`).
+    """
+    home.mkdir(exist_ok=True)
+    return venv.env(AIRFLOW_HOME=str(home), AIRFLOW__DATABASE__SQL_ALCHEMY_CONN=with_scheme(url, "postgresql+psycopg2"),
+                    AIRFLOW__CORE__LOAD_EXAMPLES="False", **extra)
+
+
+def test_airflow_3_2_database_to_3_3_2_like_airflow_db_migrate(postgres, tmp_path):
+    """Both twins are brought to 3.2.0 by `airflow db migrate --to-version 3.2.0` (the 3.3.2 scripts), then
+    one by `airflow db migrate` and the other by the runner with the shipped ini (ALEMBIC_CONFIG naming
+    site-packages/airflow/alembic.ini, nothing copied or edited) and DATABASE_URL naming the database
+    that AIRFLOW__DATABASE__SQL_ALCHEMY_CONN names, since env.py connects with Airflow's engine.
+
+    `airflow db migrate` also adds the default pool and syncs the log templates (rows, not schema; done
+    at 3.2.0 on both twins already): schema and version rows are compared.
+    """
+    venv = app_venv(AIRFLOW)
+    ini = venv.site_packages / "airflow" / "alembic.ini"
+    assert ini.is_file(), ini
+    twins = Twins.create(postgres)
+    envs = {which: airflow_env(venv, tmp_path / f"airflow-{which}", twins.url(which)) for which in ("plain", "runner")}
+    for which, env in envs.items():
+        done = venv.run([venv.script("airflow"), "db", "migrate", "--to-version", "3.2.0"], env)
+        assert done.returncode == 0, done
+    assert version_table_rows(postgres, twins.runner) == {"public.alembic_version": [AIRFLOW_3_2_0]}
+    assert_same(twins)
+    pending = revisions_between(venv, ini.parent / "migrations", AIRFLOW_3_2_0, envs["runner"])
+    assert len(pending) >= 10, pending  # 3.3.0's revisions
+
+    settings = runner_settings(venv, twins.url("runner"), ALEMBIC_CONFIG=str(ini), **{
+        k: v for k, v in envs["runner"].items() if k.startswith("AIRFLOW")})
+    # #21: importing airflow runs its dictConfig; ignoring it made airflow's own check fail (exit 2).
+    heads = venv.runner(settings, "heads", cwd=tmp_path)
+    assert heads.returncode == 0, summary(heads)
+    assert summary(heads)["to_revision"] == [pending[-1]], summary(heads)
+    assert_clean(heads)
+
+    plain = venv.run([venv.script("airflow"), "db", "migrate"], envs["plain"])
+    assert plain.returncode == 0, plain
+    assert version_table_rows(postgres, twins.plain) == {"public.alembic_version": [pending[-1]]}
+
+    result = venv.runner(settings, cwd=tmp_path)
+    assert result.returncode == 0, summary(result)
+    assert summary(result)["outcome"] == "upgraded", summary(result)
+    assert summary(result)["applied"] == pending, summary(result)
+    assert_clean(result)
+    assert_same(twins)
+    assert advisory_locks(postgres, twins.runner) == []
+
+    again = venv.runner(settings, cwd=tmp_path)
+    assert again.returncode == 0, summary(again)
+    assert summary(again)["outcome"] == "current" and summary(again)["applied"] == [], summary(again)
+    assert_clean(again)
+    assert_same(twins)
