@@ -117,9 +117,13 @@ def main(argv: list[str] | None = None) -> int:
         _warn_unknown_variables()
         if settings.database_url is not None:
             log.add_secret(settings.database_url.get_secret_value())
-        # FLASK_APP: inside the application's context, as `flask db upgrade` runs (it may supply the URL).
-        with flaskapp.application(settings) as settings:
-            code = run(settings, report)
+        writing = name in ("upgrade", "downgrade")
+        if writing and flaskapp.loads_under_lock(settings):
+            code = run(settings, report)  # which creates the Flask application once it holds the lock
+        else:
+            # FLASK_APP: inside the application's context, as `flask db upgrade` runs (it may supply the URL).
+            with flaskapp.application(settings, writing=writing) as settings:
+                code = run(settings, report)
     except RunnerError as e:
         report.outcome, report.message, code = type(e).__name__, str(e), e.exit_code
     except SystemExit as e:

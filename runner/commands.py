@@ -12,7 +12,9 @@ import io
 import logging
 import sys
 import time
-from typing import Callable
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Callable, Iterator
 
 import tenacity
 from alembic import command as alembic_command
@@ -21,10 +23,10 @@ from alembic.script import ScriptDirectory
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import DBAPIError
 
-from . import baseline, credentials, database, drift, envpy, guard, lineage, log, migrate, revisions
+from . import baseline, credentials, database, drift, envpy, flaskapp, guard, lineage, log, migrate, revisions
 from . import lint as lint_
 from .errors import EXIT_OK, ConfigError, DatabaseUnreachable, LintFindings, PendingRevisions, SchemaDrift
-from .lock import advisory_lock
+from .lock import Lock, advisory_lock
 from .report import Report
 from .settings import Settings
 from .wait import connection_error, fatal_reason, first_line, first_login, refusal, wait_for_database
@@ -34,41 +36,47 @@ logger = logging.getLogger("runner")
 
 def upgrade(settings: Settings, report: Report) -> int:
     """Wait for the database, take the lock, check heads, stamp a baseline if asked, upgrade heads."""
-    url, config, script = _scripts(settings)
+    with _locked_project(settings, report) as project:
+        settings, url, config, script = project.settings, project.url, project.config, project.script
 
-    def decide(state: revisions.State) -> str | None:
-        if state.kind == "ahead":
-            _let_ahead_through(settings, state, script)
-        if state.kind != "legacy":
-            return None
-        baseline = revisions.refuse_legacy(state, settings.baseline_revision, script)
-        if baseline is None:
-            logger.info("treating the legacy database as at base (MIGRATE_BASELINE_REVISION=base): every "
-                        "revision applies on top of its %d tables", len(state.tables), extra={"baseline": "base"})
-        else:
-            logger.info("stamping baseline %s on the legacy database", baseline, extra={"baseline": baseline})
-        return baseline
+        def decide(state: revisions.State) -> str | None:
+            if state.kind == "ahead":
+                _let_ahead_through(settings, state, script)
+            if state.kind != "legacy":
+                return None
+            baseline = revisions.refuse_legacy(state, settings.baseline_revision, script)
+            if baseline is None:
+                logger.info("treating the legacy database as at base (MIGRATE_BASELINE_REVISION=base): every "
+                            "revision applies on top of its %d tables", len(state.tables), extra={"baseline": "base"})
+            else:
+                logger.info("stamping baseline %s on the legacy database", baseline, extra={"baseline": baseline})
+            return baseline
 
-    def run(progress: migrate.Progress, decide: Callable) -> None:
-        migrate.upgrade(config, script, progress, decide, record=lineage.of(script, settings.image),
-                        expected=_expected_version_table(settings))
+        def run(progress: migrate.Progress, decide: Callable) -> None:
+            migrate.upgrade(config, script, progress, decide, record=lineage.of(script, settings.image),
+                            expected=_expected_version_table(settings), tables_before=project.tables_before)
 
-    def prove_baseline(lock) -> None:
-        # Under the lock, before the run that would stamp it: a baseline that does not match writes nothing.
-        if not settings.verify_baseline or settings.baseline_revision in (None, "base"):
-            return
-        scratch = settings.scratch_url()
-        if scratch is not None:
-            log.add_url_secrets(scratch)
-        state = _read_state_or_fail(config, script, settings)
-        if state.kind == "legacy":
-            revision = revisions.refuse_legacy(state, settings.baseline_revision, script)
-            baseline.prove(functools.partial(_config, settings), revision, url=url, given=settings.url(),
-                           schema=state.schema, table=state.table, lock=lock, scratch=scratch,
-                           lock_timeout=settings.lock_timeout)
+        def prove_baseline(lock) -> None:
+            # Under the lock, before the run that would stamp it: a baseline that does not match writes nothing.
+            if not settings.verify_baseline or settings.baseline_revision in (None, "base"):
+                return
+            scratch = settings.scratch_url()
+            if scratch is not None:
+                log.add_url_secrets(scratch)
+            state = _read_state_or_fail(config, script, settings)
+            if state.kind == "legacy":
+                revision = revisions.refuse_legacy(state, settings.baseline_revision, script)
+                baseline.prove(functools.partial(_config, settings), revision, url=url, given=settings.url(),
+                               schema=state.schema, table=state.table, lock=lock, scratch=scratch,
+                               lock_timeout=settings.lock_timeout)
 
-    progress, reached = _under_lock(settings, report, url, script, decide, run, before=prove_baseline)
-    report.applied = revisions.applied_between(script, progress.start, reached)
+        progress, reached = _under_lock(settings, report, url, project.lock, script, decide, run,
+                                        before=prove_baseline)
+    start = progress.start
+    ran_from = flaskapp.heads_before_its_own_upgrade()
+    if ran_from is not None:  # revisions the Flask application applied itself as it was created are this run's
+        start = report.from_revision = ran_from
+    report.applied = revisions.applied_between(script, start, reached)
     if progress.state.kind == "ahead":
         if set(reached) != set(progress.state.current):
             raise ConfigError(f"the database moved from {_names(progress.state.current)} to {_names(reached)} while "
@@ -82,7 +90,7 @@ def upgrade(settings: Settings, report: Report) -> int:
             f"env.py returned without reaching the heads: the database is at {_names(reached)}, "
             f"{_count(len(missing), 'revision')} not applied ({', '.join(r.revision for r in missing)}); does env.py "
             f"commit (context.begin_transaction()) and call context.run_migrations() in online mode?")
-    if progress.state.kind == "current":
+    if progress.state.kind == "current" and not report.applied:
         report.outcome = "current"
         report.message = f"already at heads: {_names(reached)}"
         return EXIT_OK
@@ -91,15 +99,16 @@ def upgrade(settings: Settings, report: Report) -> int:
 
 def downgrade(settings: Settings, report: Report, target: str) -> int:
     """Under the lock, revert the revisions above `target` (a revision of the scripts, or base) through env.py."""
-    url, config, script = _scripts(settings)
-    goal = revisions.downgrade_target(script, target)
+    with _locked_project(settings, report) as project:
+        settings, url, config, script = project.settings, project.url, project.config, project.script
+        goal = revisions.downgrade_target(script, target)
 
-    def run(progress: migrate.Progress, decide: Callable) -> None:
-        migrate.downgrade(config, script, progress, goal or "base", decide,
-                          record=lineage.of(script, settings.image), expected=_expected_version_table(settings))
+        def run(progress: migrate.Progress, decide: Callable) -> None:
+            migrate.downgrade(config, script, progress, goal or "base", decide,
+                              record=lineage.of(script, settings.image), expected=_expected_version_table(settings))
 
-    progress, reached = _under_lock(settings, report, url, script,
-                                    lambda state: revisions.refuse_downgrade(state, script, goal), run)
+        progress, reached = _under_lock(settings, report, url, project.lock, script,
+                                        lambda state: revisions.refuse_downgrade(state, script, goal), run)
     report.reverted = revisions.reverted_between(script, progress.start, reached)
     if (goal is None and reached) or (goal is not None and goal not in reached):
         raise ConfigError(f"env.py returned without reaching {goal or 'base'}: the database is at {_names(reached)}; "
@@ -120,21 +129,34 @@ def _moved(report: Report, outcome: str, moved: list[str], verb: str) -> int:
     return EXIT_OK
 
 
-def _under_lock(settings: Settings, report: Report, url: URL, script: ScriptDirectory,
-                decide: Callable[[revisions.State], object], run: Callable[[migrate.Progress, Callable], None],
-                before: Callable[[object], None] | None = None) -> tuple[migrate.Progress, tuple[str, ...]]:
-    """Log in, take the lock, and `run` the migration under the guard; where the database is, read back.
+@dataclass
+class _Project:
+    """What a writing command works on, once the lock is held."""
 
-    `before(lock)`, if given, runs first under the lock (and raises to refuse);
-    `decide` sees the state env.py's connection reads before anything is written
-    (and raises to refuse); every failure becomes a RunnerError saying where the
-    database is now.
+    settings: Settings  # as the Flask application completed them, if there is one
+    url: URL  # the runner's own sessions'
+    config: Config
+    script: ScriptDirectory
+    lock: Lock
+    tables_before: frozenset[int]  # the tables there were when the lock was taken (revisions.existing_tables)
+
+
+@contextmanager
+def _locked_project(settings: Settings, report: Report) -> Iterator[_Project]:
+    """Wait for the database, take the lock, and load the project; the lock is released after the `with`.
+
+    The scripts load before the lock (a broken project fails without waiting for it), except a
+    Flask application's, which is created under the lock when DATABASE_URL names the database:
+    its factory may write, or even migrate, as it is created.
     """
+    url = _url(settings)
+    under_lock = flaskapp.loads_under_lock(settings)
+    if not under_lock:
+        config, script = _config_and_scripts(settings, settings.url())
     # Writes need the primary: a standby (a failover under way) is waited out like a database not up yet.
     version, first_session = first_login(url, settings.wait_timeout, primary=True)
     # The lock's session is the first to carry the session options: it reports a proxy refusing them.
     check_interval = _options_after_login(settings, version)
-
     # The wait's session, still open, serves the lock as the second session that tells a transaction pooler.
     with advisory_lock(url, settings.lock_key, settings.lock_timeout, schema=settings.version_table_schema,
                        table=settings.version_table, second_session=first_session) as lock:
@@ -142,50 +164,70 @@ def _under_lock(settings: Settings, report: Report, url: URL, script: ScriptDire
         # Timeouts for migration sessions only: the lock wait above must not be cut short by them.
         _session_options(settings, check_interval, statement_timeout=_ms(settings.statement_timeout),
                          lock_timeout=_ms(settings.ddl_lock_timeout))
-        if before is not None:
-            before(lock)
-        progress = migrate.Progress()
+        # Before anything of the project runs under the lock: its code may create tables of its own.
+        tables_before = revisions.existing_tables(lock.query)
+        if not under_lock:
+            yield _Project(settings, url, config, script, lock, tables_before)
+            return
+        with flaskapp.application(settings) as settings:
+            config, script = _config_and_scripts(settings, settings.url())
+            yield _Project(settings, url, config, script, lock, tables_before)
 
-        def read_back() -> tuple[str, ...]:
-            # On a new connection: after a failure the lock's session may be gone too.
-            with database.engine(url).connect() as connection:
-                return revisions.current_heads(connection, version_table=progress.state.table,
-                                               schema=progress.state.schema)
 
-        attempts = []
+def _under_lock(settings: Settings, report: Report, url: URL, lock: Lock, script: ScriptDirectory,
+                decide: Callable[[revisions.State], object], run: Callable[[migrate.Progress, Callable], None],
+                before: Callable[[object], None] | None = None) -> tuple[migrate.Progress, tuple[str, ...]]:
+    """`run` the migration under the guard, holding `lock`; where the database is, read back.
 
-        def decide_once(state: revisions.State):
-            attempts.append(state)
-            if len(attempts) == 1:  # where the run started; a retry starts where the last attempt ended
-                report.from_revision = state.current
-            report.to_revision = state.current
-            _log_state(state)
-            return decide(state)
+    `before(lock)`, if given, runs first (and raises to refuse);
+    `decide` sees the state env.py's connection reads before anything is written
+    (and raises to refuse); every failure becomes a RunnerError saying where the
+    database is now.
+    """
+    if before is not None:
+        before(lock)
+    progress = migrate.Progress()
 
-        try:
-            with guard.guarded_by(lock, progress=progress, report_every=settings.progress_interval) as watchdog:
-                migrate.retrying(lambda: run(progress, decide_once), progress, watchdog,
-                                 retries=settings.ddl_lock_retries, read_back=read_back)
-                if progress.state is None:
-                    raise revisions.NoMigrationsRun()
-        except Exception as e:
+    def read_back() -> tuple[str, ...]:
+        # On a new connection: after a failure the lock's session may be gone too.
+        with database.engine(url).connect() as connection:
+            return revisions.current_heads(connection, version_table=progress.state.table,
+                                           schema=progress.state.schema)
+
+    attempts = []
+
+    def decide_once(state: revisions.State):
+        attempts.append(state)
+        if len(attempts) == 1:  # where the run started; a retry starts where the last attempt ended
+            report.from_revision = state.current
+        report.to_revision = state.current
+        _log_state(state)
+        return decide(state)
+
+    try:
+        with guard.guarded_by(lock, progress=progress, report_every=settings.progress_interval) as watchdog:
+            migrate.retrying(lambda: run(progress, decide_once), progress, watchdog,
+                             retries=settings.ddl_lock_retries, read_back=read_back)
             if progress.state is None:
-                raise envpy.failure(e) from None
-            try:
-                reached = read_back()
-            except Exception:
-                reached = None
-            else:
-                report.to_revision = reached
-                if progress.start is not None:  # else refused before it started
-                    report.applied = revisions.applied_between(script, progress.start, reached)
-                    report.reverted = revisions.reverted_between(script, progress.start, reached)
-            # A read that failed once is tried again there, and reported as unknown if it fails again.
-            raise migrate.explain_failure(e, progress, lambda: reached if reached is not None else read_back()) from None
-        # Success is what the database says, read back, not what env.py returned.
-        reached = _read_back_after_success(lock, progress.state)
-        report.to_revision = reached
-        return progress, reached
+                raise revisions.NoMigrationsRun()
+    except Exception as e:
+        if progress.state is None:
+            raise envpy.failure(e) from None
+        try:
+            reached = read_back()
+        except Exception:
+            reached = None
+        else:
+            report.to_revision = reached
+            if progress.start is not None:  # else refused before it started
+                report.applied = revisions.applied_between(script, progress.start, reached)
+                report.reverted = revisions.reverted_between(script, progress.start, reached)
+        # A read that failed once is tried again there, and reported as unknown if it fails again.
+        raise migrate.explain_failure(e, progress, lambda: reached if reached is not None else read_back()) from None
+    # Success is what the database says, read back, not what env.py returned.
+    reached = _read_back_after_success(lock, progress.state)
+    report.to_revision = reached
+    return progress, reached
 
 
 def _let_ahead_through(settings: Settings, state: revisions.State, script: ScriptDirectory) -> None:
@@ -411,15 +453,19 @@ COMMANDS = {"upgrade": upgrade, "check": check, "wait": wait, "plan": plan, "ver
 # -- shared steps -----------------------------------------------------------------------
 def _scripts(settings: Settings) -> tuple[URL, Config, ScriptDirectory]:
     """What every command starts from: the URL (its secrets masked), alembic's config and the scripts."""
+    return (_url(settings), *_config_and_scripts(settings, settings.url()))
+
+
+def _url(settings: Settings) -> URL:
+    """The URL of the runner's own sessions; every login from here on, env.py's included, takes a fresh
+    password from the file or command if one is set."""
     given = settings.url()
-    # Every login from here on, env.py's included, takes a fresh password from the file or command if one is set.
     credentials.configure(settings, given)
     # application_name from the first login on; the other options wait for the server's version.
     _session_options(settings, None)
     # env.py gets the URL as given, as it would from alembic.ini; the runner's own sessions add
     # keepalives and timeouts, which other drivers than libpq's would not accept.
-    url = database.with_defaults(database.for_runner(given))
-    return (url, *_config_and_scripts(settings, given))
+    return database.with_defaults(database.for_runner(given))
 
 
 def _config_and_scripts(settings: Settings, given: URL) -> tuple[Config, ScriptDirectory]:

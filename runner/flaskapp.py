@@ -8,10 +8,14 @@ for the `flask` command, the runner
 
 - loads the application with Flask's own loader (`flask.cli.ScriptInfo`:
   `module`, `module:app`, `module:create_app(...)`, a factory found by name),
-  and runs the command inside `app.app_context()`;
+  and runs the command inside `app.app_context()`. `upgrade` and `downgrade`
+  create it under the lock when DATABASE_URL names the database (a factory
+  may write, or migrate, as it is created); revisions its factory applies
+  itself count as the run's own (`heads_before_its_own_upgrade`);
 - defaults ALEMBIC_CONFIG to `<Migrate's directory>/alembic.ini`
-  (`migrations/alembic.ini`), and gives an ini without `script_location` its
-  own directory, as Flask-Migrate does (plus its `@migrate.configure` callbacks);
+  (`migrations/alembic.ini`) and, as Flask-Migrate's `Migrate.get_config`,
+  makes that directory the script location whatever the ini says (plus its
+  `@migrate.configure` callbacks);
 - takes the database URL of the application's engine (SQLALCHEMY_DATABASE_URI)
   for its own sessions when DATABASE_URL is not set; when both are set they
   must name the same database.
@@ -40,15 +44,30 @@ logger = logging.getLogger("runner")
 DEFAULT_DIRECTORY = "migrations"
 
 
+def loads_under_lock(settings: Settings) -> bool:
+    """Whether `upgrade` and `downgrade` create the application under the lock: when DATABASE_URL (or its file)
+    says which database to lock without it."""
+    return settings.flask_app is not None and (settings.database_url is not None
+                                               or settings.database_url_file is not None)
+
+
 @contextmanager
-def application(settings: Settings) -> Iterator[Settings]:
-    """Inside FLASK_APP's application context (when it is set), with the settings the application completes."""
+def application(settings: Settings, *, writing: bool = False) -> Iterator[Settings]:
+    """Inside FLASK_APP's application context (when it is set), with the settings the application completes.
+
+    `writing`: a command that takes the lock afterwards creates it here, before the lock (its URL is known
+    only from the application): said once, as a warning.
+    """
     if settings.flask_app is None:
         yield settings
         return
     if settings.database_url is not None or settings.database_url_file is not None:
         # An application that connects while it is created logs in with the rotating password too.
         credentials.configure(settings, settings.url())
+    elif writing:
+        logger.warning("FLASK_APP=%s is created before the lock: its database is known only from the application "
+                       "(SQLALCHEMY_DATABASE_URI); set DATABASE_URL as well so that the runner creates it under the "
+                       "lock, where what its factory writes cannot race other replicas", settings.flask_app)
     app = _load(_flask_cli(), settings.flask_app)
     with app.app_context():
         migrate = app.extensions.get("migrate")
@@ -56,7 +75,7 @@ def application(settings: Settings) -> Iterator[Settings]:
         # Connections the application opened while it was created are not the guard's migration
         # sessions: env.py must get new ones.
         _dispose(app)
-        hook = _flask_migrate_config(migrate)
+        hook = _flask_migrate_config(migrate, directory_wins="alembic_config" not in settings.model_fields_set)
         revisions.config_hooks.append(hook)
         try:
             yield completed
@@ -64,6 +83,39 @@ def application(settings: Settings) -> Iterator[Settings]:
             revisions.config_hooks.remove(hook)
             # Pooled connections hold the fence key while they live: close them now, not at exit.
             _dispose(app)
+
+
+# The version rows before the first migration the application ran itself while it was created
+# (`flask_migrate.upgrade()` in its factory), if it ran one that moved the database.
+_heads_before_loading: tuple[str, ...] | None = None
+
+
+def heads_before_its_own_upgrade() -> tuple[str, ...] | None:
+    """Where the database was before the application upgraded it itself while it was created, if it did."""
+    return _heads_before_loading
+
+
+@contextmanager
+def _noting_its_own_migrations() -> Iterator[None]:
+    """While the application is created: note where the database was before any migration it runs itself."""
+    from alembic.runtime.migration import MigrationContext
+
+    run_migrations = MigrationContext.run_migrations
+
+    def noted(context, **kwargs):
+        global _heads_before_loading
+        before = None if context.as_sql else tuple(context.get_current_heads())
+        run_migrations(context, **kwargs)
+        if before is not None and _heads_before_loading is None and set(context.get_current_heads()) != set(before):
+            _heads_before_loading = before
+            logger.warning("the application ran migrations itself while it was created (from %s to %s)",
+                           ", ".join(before) or "base", ", ".join(context.get_current_heads()))
+
+    MigrationContext.run_migrations = noted
+    try:
+        yield
+    finally:
+        MigrationContext.run_migrations = run_migrations
 
 
 def _flask_cli():
@@ -81,7 +133,8 @@ def _load(cli, import_path: str):
     """The application as `flask --app <import_path>` loads it (FLASK_DEBUG honoured; .env files are not read)."""
     info = cli.ScriptInfo(app_import_path=import_path)
     try:
-        return info.load_app()
+        with _noting_its_own_migrations():
+            return info.load_app()
     except cli.NoAppException as e:
         # An ImportError inside the application comes with its traceback: keep its first and last lines.
         lines = [line.strip() for line in str(e).splitlines() if line.strip()]
@@ -152,13 +205,18 @@ def _describe(url: URL) -> str:
     return f"{url.username or '(default user)'}@{database.endpoint(url)}/{url.database}"
 
 
-def _flask_migrate_config(migrate) -> Callable[[Config], Config]:
-    """What Flask-Migrate's Migrate.get_config does to alembic's Config beyond reading the ini."""
+def _flask_migrate_config(migrate, *, directory_wins: bool) -> Callable[[Config], Config]:
+    """What Flask-Migrate's Migrate.get_config does to alembic's Config beyond reading the ini.
+
+    `directory_wins` (ALEMBIC_CONFIG not set, so the ini is the Migrate directory's): that directory is
+    the script location whatever the ini says (`script_location = .` resolves against the working
+    directory, not the ini's), as `flask db upgrade` has it. An ini named by ALEMBIC_CONFIG keeps its own.
+    """
 
     def adjust(config: Config) -> Config:
         ini = config.config_file_name
-        if ini and not getattr(config, "get_alembic_option", config.get_main_option)("script_location"):
-            # Flask-Migrate's generated alembic.ini has none: the script directory is the ini's.
+        if ini and (directory_wins or not getattr(config, "get_alembic_option", config.get_main_option)(
+                "script_location")):
             config.set_main_option("script_location", str(Path(ini).resolve().parent).replace("%", "%%"))
         callbacks = getattr(getattr(migrate, "migrate", None), "call_configure_callbacks", None)
         return callbacks(config) if callbacks else config

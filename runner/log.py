@@ -1,20 +1,24 @@
 """Logging: text or JSON lines on stderr, with every known secret masked.
 
-The runner owns the process's logging, whatever the project's env.py does:
-- `logging.config.fileConfig` (alembic's generic env.py), `dictConfig` and
-  `logging.basicConfig` are ignored while the runner runs: they would replace
-  our handlers, disable our loggers or print records a second time in another
-  format;
-- the runner's, alembic's and the captured stdout/stderr loggers carry our
-  handler themselves and do not propagate, so handlers a project adds to the
-  root logger can neither remove their lines nor feed them back to themselves;
-- anything written straight to stdout/stderr (a `print`, or a handler the
-  project made on `sys.stderr`) goes through the same masking and, in JSON
-  mode, becomes a JSON line like the rest.
+The project's logging configuration takes effect as under plain alembic: the
+`fileConfig`, `dictConfig` or `basicConfig` that env.py (or anything it
+imports) calls configures the project's loggers, handlers, levels and filters
+for real, and `disable_existing_loggers` applies to its loggers. Right after
+each such call, and again before the runner writes anything that matters,
+the runner takes back its own loggers: the runner's and alembic's carry our
+handler only and do not propagate, so their lines go out exactly once, masked,
+in MIGRATE_LOG_FORMAT, and a project handler on the root logger can neither
+silence them nor print them a second time. The root logger is left without a
+handler, as alembic's CLI leaves it, so a project's `basicConfig` works as
+there; records no handler takes go out through our last-resort handler.
+Anything written straight to stdout/stderr (a `print`, or a project handler
+writing to `sys.stderr`) goes through the same masking and, in JSON mode,
+becomes a JSON line like the rest.
 """
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import logging
@@ -158,44 +162,62 @@ class _LineWriter(io.TextIOBase):
         return self._original.isatty()
 
 
-def _ignored(name: str):
-    def ignored(*args, **kwargs) -> None:
-        logger.debug("%s from the project ignored: MIGRATE_LOG_LEVEL and MIGRATE_LOG_FORMAT apply", name)
+def _then_reclaim(configure):
+    """The project's logging configuration function, followed by taking our loggers back."""
 
-    return ignored
+    @functools.wraps(configure)
+    def configure_then_reclaim(*args, **kwargs):
+        try:
+            return configure(*args, **kwargs)
+        finally:
+            restore()
+
+    configure_then_reclaim.reclaims = True
+    return configure_then_reclaim
 
 
 _writing = threading.local()
 _handler: logging.Handler = logging.NullHandler()
-# Loggers whose records are ours to show, whatever the project does to the root logger.
+# Loggers whose records are ours to show, whatever the project configures.
 OWN_LOGGERS = ("runner", "alembic", "stdout", "stderr")
 _level = "INFO"
 
 
 def setup(fmt: str | None = None, level: str = "INFO") -> str:
-    """Send all logging to stderr as text or JSON; returns the format chosen."""
+    """Send the runner's logging to stderr as text or JSON; returns the format chosen."""
     global _format, _handler, _level
     stream = sys.__stderr__
     fmt = _format = fmt or ("text" if stream.isatty() else "json")
     _level = level
+    formatter = JsonFormatter() if fmt == "json" else TextFormatter()
     _handler = logging.StreamHandler(stream)
-    _handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    _handler.setFormatter(formatter)
+    # Records of loggers nobody configured (a project's warning, py.warnings) in our format too.
+    last_resort = logging.StreamHandler(stream)
+    last_resort.setLevel(logging.WARNING)
+    last_resort.setFormatter(formatter)
+    logging.lastResort = last_resort
+    root = logging.getLogger()
+    # As alembic's CLI leaves it: no handler, so that a project's basicConfig does what it does there.
+    root.handlers[:] = [h for h in root.handlers if not getattr(h, "runner_owned", False)]
+    _handler.runner_owned = last_resort.runner_owned = True
     restore()
     logging.captureWarnings(True)
-    logging.config.fileConfig = _ignored("logging.config.fileConfig")
-    logging.config.dictConfig = _ignored("logging.config.dictConfig")
-    logging.basicConfig = _ignored("logging.basicConfig")
+    for module, name in ((logging.config, "fileConfig"), (logging.config, "dictConfig"), (logging, "basicConfig")):
+        if not getattr(getattr(module, name), "reclaims", False):
+            setattr(module, name, _then_reclaim(getattr(module, name)))
     sys.stdout = _LineWriter("stdout", logging.INFO, sys.__stdout__)
     sys.stderr = _LineWriter("stderr", logging.WARNING, sys.__stderr__)
     return fmt
 
 
 def restore() -> None:
-    """Our handler and levels back in place, whatever the project changed meanwhile."""
+    """Our loggers back as ours, whatever the project did to them meanwhile; the project's own stay as it set them."""
     logging.disable(logging.NOTSET)
-    root = logging.getLogger()
-    root.handlers[:] = [_handler]
-    root.setLevel(logging.WARNING)
+    for name, own in list(logging.Logger.manager.loggerDict.items()):
+        # A child of ours (runner.lock, alembic.runtime.migration) a project's config disabled.
+        if isinstance(own, logging.Logger) and name.split(".", 1)[0] in OWN_LOGGERS:
+            own.disabled = False
     for name in OWN_LOGGERS:
         own = logging.getLogger(name)
         own.handlers[:] = [_handler]

@@ -49,7 +49,7 @@ class Progress:
 
 def upgrade(config: Config, script: ScriptDirectory, progress: Progress,
             decide: Callable[[revisions.State], str | None], *, record: lineage.Lineage | None = None,
-            expected: dict | None = None) -> None:
+            expected: dict | None = None, tables_before: frozenset[int] | None = None) -> None:
     """`alembic upgrade heads` in one run of env.py, which reads the database's state first.
 
     Before anything is written, `decide` gets the state as read on env.py's own
@@ -57,6 +57,7 @@ def upgrade(config: Config, script: ScriptDirectory, progress: Progress,
     MIGRATE_ version table variables that must agree): it raises to refuse, or
     returns a baseline revision to stamp first, in the same transaction as the
     upgrade. A database at heads, or ahead of them (let through), gets no step.
+    Only tables among `tables_before` (there when the lock was taken) make it legacy.
     """
 
     def plan(state: revisions.State, current: tuple[str, ...], context, first_attempt: bool) -> list:
@@ -75,7 +76,8 @@ def upgrade(config: Config, script: ScriptDirectory, progress: Progress,
         stamps = script._stamp_revs(baseline, current) if baseline else []
         return [*stamps, *upgrades]
 
-    _run(config, script, progress, plan, record, expected or {}, destination_rev="heads")
+    _run(config, script, progress, plan, record, {**(expected or {}), "tables_before": tables_before},
+         destination_rev="heads")
 
 
 def downgrade(config: Config, script: ScriptDirectory, progress: Progress, target: str,

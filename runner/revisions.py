@@ -15,11 +15,13 @@ from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from alembic.util import CommandError
-from sqlalchemy import MetaData, Table, inspect, text
+from sqlalchemy import MetaData, Table, text
 from sqlalchemy.engine import URL, Connection
 
 from . import envpy, lineage
 from .errors import ConfigError, DatabaseAhead, LegacyDatabase, MultipleHeads
+
+logger = logging.getLogger("runner")
 
 # What a framework does to every Config it builds, applied last by load_config: while FLASK_APP's
 # application context is entered, Flask-Migrate's defaults and callbacks (runner/flaskapp.py).
@@ -201,10 +203,14 @@ def database_state(config: Config, script: ScriptDirectory, *, version_table: st
 
 
 def observe(context, script: ScriptDirectory, *, version_table: str | None = None,
-            version_table_schema: str | None = None) -> State:
-    """The state as env.py's MigrationContext sees it, on env.py's own connection and version table."""
+            version_table_schema: str | None = None, tables_before: frozenset[int] | None = None) -> State:
+    """The state as env.py's MigrationContext sees it, on env.py's own connection and version table.
+
+    `tables_before` (the tables there were when the lock was taken, `existing_tables`) keeps
+    tables env.py's own code made in this run from making the database legacy.
+    """
     state = state_of(context.connection, script, version_table=context.version_table,
-                     schema=context.version_table_schema)
+                     schema=context.version_table_schema, tables_before=tables_before)
     for variable, wanted, actual in (("MIGRATE_VERSION_TABLE", version_table, state.table),
                                      ("MIGRATE_VERSION_TABLE_SCHEMA", version_table_schema, state.schema)):
         if wanted is not None and wanted != actual:
@@ -214,13 +220,22 @@ def observe(context, script: ScriptDirectory, *, version_table: str | None = Non
 
 
 def state_of(connection: Connection, script: ScriptDirectory, *, version_table: str = "alembic_version",
-             schema: str | None = None) -> State:
-    """Classify the database against the scripts, reading the version table on `connection`."""
+             schema: str | None = None, tables_before: frozenset[int] | None = None) -> State:
+    """Classify the database against the scripts, reading the version table on `connection`.
+
+    With `tables_before`, only tables among them count towards a legacy database.
+    """
     schema = schema or _schema_alembic_reads(connection, version_table)
     current = current_heads(connection, version_table=version_table, schema=schema)
     where = {"schema": schema, "table": version_table}
     if not current:
-        tables = [t for t in inspect(connection).get_table_names(schema=schema) if t != version_table]
+        found = connection.execute(_TABLES_IN_SCHEMA, {"schema": schema, "table": version_table}).all()
+        tables = [name for name, oid in found if tables_before is None or oid in tables_before]
+        if len(tables) < len(found):
+            made = sorted({name for name, _ in found} - set(tables))
+            logger.info("%s made by env.py's own code in this run, not by the database's past: not legacy",
+                        _plural(len(made), "table") + f" ({', '.join(made[:5])}{', ...' if len(made) > 5 else ''})",
+                        extra={"made_in_this_run": made})
         if tables:
             _refuse_version_table_elsewhere(connection, script, version_table, schema)
             return State(kind="legacy", tables=sorted(tables), **where)
@@ -231,6 +246,25 @@ def state_of(connection: Connection, script: ScriptDirectory, *, version_table: 
         return State(kind="ahead", current=current, unknown=unknown, lineage=recorded, **where)
     pending = pending_revisions(script, current)
     return State(kind="pending" if pending else "current", current=current, pending=pending, **where)
+
+
+# The tables of a schema (as SQLAlchemy's get_table_names lists them: ordinary and partitioned), by oid.
+_TABLES_IN_SCHEMA = text("""
+    SELECT c.relname, c.oid::bigint FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+     WHERE n.nspname = :schema AND c.relkind IN ('r', 'p') AND c.relname <> :table ORDER BY c.relname
+""")
+
+# Every table of the database, by oid: a table env.py makes later in the run gets a new one.
+_ALL_TABLES = "SELECT c.oid::bigint FROM pg_class c WHERE c.relkind IN ('r', 'p')"
+
+
+def existing_tables(query: Callable[[str], list[tuple]]) -> frozenset[int]:
+    """The oids of the tables the database has now, read with `query` (the lock's session)."""
+    return frozenset(row[0] for row in query(_ALL_TABLES))
+
+
+def _plural(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
 # Where an unqualified name resolves, as alembic's own reads of the version table do: the

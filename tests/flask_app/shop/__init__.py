@@ -24,5 +24,17 @@ def create_app():
         with app.app_context():
             db.session.execute(text("SELECT 1"))
             db.session.remove()
+    if os.environ.get("SHOP_REGISTER_NODE"):  # as privacyIDEA upserts its node's row while it is created
+        from sqlalchemy import text
+
+        with app.app_context(), db.engine.begin() as connection:
+            connection.execute(text("CREATE TABLE IF NOT EXISTS shop_nodes (name text PRIMARY KEY, seen int)"))
+            connection.execute(text("INSERT INTO shop_nodes VALUES ('node-1', 1) "
+                                    "ON CONFLICT (name) DO UPDATE SET seen = shop_nodes.seen + 1"))
+    if os.environ.get("SHOP_UPGRADE_AT_START"):  # as ihatemoney's factory runs flask_migrate.upgrade() itself
+        import flask_migrate
+
+        with app.app_context():
+            flask_migrate.upgrade()
     app.logger.info("shop application created")
     return app
