@@ -33,7 +33,9 @@ from __future__ import annotations
 import difflib
 import json
 import re
+import uuid
 from pathlib import Path
+from urllib.parse import quote
 
 import pytest
 
@@ -71,11 +73,11 @@ def not_json(result: Result) -> list[str]:
     return bad
 
 
-def assert_clean(result: Result) -> None:
+def assert_clean(result: Result, password: str = RUNNER_PASSWORD) -> None:
     """Only JSON lines, the summary last, and the role's password nowhere (raw or URL-quoted)."""
     assert not_json(result) == [], not_json(result)[:10]
     summary(result)
-    assert RUNNER_PASSWORD not in result.output and "p%25w%40rd" not in result.output, "password in the output"
+    assert password not in result.output and quote(password, safe="") not in result.output, "password in the output"
 
 
 def assert_same(twins: Twins) -> None:
@@ -178,3 +180,103 @@ def test_airflow_3_2_database_to_3_3_2_like_airflow_db_migrate(postgres, tmp_pat
     assert summary(again)["outcome"] == "current" and summary(again)["applied"] == [], summary(again)
     assert_clean(again)
     assert_same(twins)
+
+
+# -- ihatemoney 7.2.1 ------------------------------------------------------------------------------
+# [database] is ihatemoney's own extra for PostgreSQL/MySQL (psycopg2-binary, pymysql).
+IHATEMONEY = App("ihatemoney-7.2.1", ("ihatemoney[database]==7.2.1",))
+# A role of its own: ihatemoney's env.py hands the URI to configparser unescaped
+# (`config.set_main_option("sqlalchemy.url", ...)`), so a password that needs %-quoting in a URL
+# (the runner role's does) breaks its own `ihatemoney db upgrade` before any migration.
+IHATEMONEY_ROLE, IHATEMONEY_PASSWORD = "ihatemoney", "ihatemoney-secret-pw"
+
+
+@pytest.fixture
+def ihatemoney(postgres, tmp_path):
+    """The application's virtualenv and a function making a configured database: (venv, databases -> envs)."""
+    venv = app_venv(IHATEMONEY)
+    postgres.create_role(IHATEMONEY_ROLE, IHATEMONEY_PASSWORD, "CREATEDB")
+    package = venv.site_packages / "ihatemoney"
+    assert (package / "migrations" / "alembic.ini").read_text().count("script_location = .") == 1
+
+    def configured(name: str) -> tuple[str, dict]:
+        """A new database and ihatemoney's settings file for it (IHATEMONEY_SETTINGS_FILE_PATH, as deployed)."""
+        postgres.create_database(name, IHATEMONEY_ROLE)
+        url = postgres.url(name, IHATEMONEY_ROLE, IHATEMONEY_PASSWORD)
+        settings = tmp_path / f"{name}.cfg"
+        settings.write_text(f"SQLALCHEMY_DATABASE_URI = {url!r}\nSECRET_KEY = 'not-the-default-key'\n")
+        return url, venv.env(IHATEMONEY_SETTINGS_FILE_PATH=str(settings))
+
+    return venv, package, configured
+
+
+def ihatemoney_runner_env(venv: AppVenv, url: str, app_env: dict) -> dict:
+    """The runner as an init container would run it: FLASK_APP the WSGI module gunicorn is given
+    (`ihatemoney.wsgi:application`, named from the package directory, where Flask's loader makes it
+    `ihatemoney.wsgi`), DATABASE_URL naming the application's database, the application's settings."""
+    return runner_settings(venv, url, FLASK_APP="wsgi:application",
+                           IHATEMONEY_SETTINGS_FILE_PATH=app_env["IHATEMONEY_SETTINGS_FILE_PATH"])
+
+
+def test_ihatemoney_runner_and_its_own_db_upgrade_end_alike(postgres, ihatemoney):
+    """From the package directory (where `Migrate`'s `migrations` directory is, as for its own CLI):
+    `ihatemoney db upgrade` on one twin, the runner with FLASK_APP on the other. The application's
+    `create_app()` runs every revision itself; under the runner that must happen under its lock and be
+    reported as applied (#21), and the shipped `script_location = .` must not send alembic to the
+    working directory for env.py (exit 2, "Can't find Python file env.py", before #21)."""
+    venv, package, configured = ihatemoney
+    twins = Twins(postgres, f"ihm_{uuid.uuid4().hex[:8]}", f"ihm_{uuid.uuid4().hex[:8]}")
+    plain_url, plain_env = configured(twins.plain)
+    runner_url, runner_app_env = configured(twins.runner)
+    history = revisions_between(venv, package / "migrations", None, plain_env)
+    assert len(history) >= 13, history
+
+    plain = venv.run([venv.script("ihatemoney"), "db", "upgrade"], plain_env, cwd=package)
+    assert plain.returncode == 0, plain
+    assert version_table_rows(postgres, twins.plain) == {"public.alembic_version": [history[-1]]}
+
+    env = ihatemoney_runner_env(venv, runner_url, runner_app_env)
+    result = venv.runner(env, cwd=package)
+    assert result.returncode == 0, summary(result)
+    assert summary(result)["outcome"] == "upgraded", summary(result)
+    assert summary(result)["applied"] == history, summary(result)
+    assert_clean(result, IHATEMONEY_PASSWORD)
+    assert_same(twins)
+    assert advisory_locks(postgres, twins.runner) == []
+
+    again = venv.runner(env, cwd=package)
+    assert again.returncode == 0, summary(again)
+    assert summary(again)["outcome"] == "current" and summary(again)["applied"] == [], summary(again)
+    assert_clean(again, IHATEMONEY_PASSWORD)
+    assert_same(twins)
+
+
+def test_ihatemoney_six_runners_at_once_run_each_revision_once_and_say_so(postgres, ihatemoney):
+    """Six replicas' init containers at once on a new database. Each creates the application, whose
+    factory runs `flask_migrate.upgrade()`: created before the lock, they raced each other (#21). Each
+    revision must run once ("Running upgrade" in one runner's log), every runner exits 0, and what ran
+    is reported: the runners' `applied` lists, together, are the history once (none says `current`
+    with nothing applied when it, or the application it created, ran the revisions)."""
+    venv, package, configured = ihatemoney
+    database = f"ihm_{uuid.uuid4().hex[:8]}"
+    url, app_env = configured(database)
+    history = revisions_between(venv, package / "migrations", None, app_env)
+    env = ihatemoney_runner_env(venv, url, app_env)
+    procs = [venv.start([venv.script("migration-runner")], env, cwd=package) for _ in range(6)]
+    results = []
+    for proc in procs:
+        out, _ = proc.communicate(timeout=300)
+        results.append(Result(proc.returncode, out, ""))
+    failed = [summary(r) if r.output.strip() else r for r in results if r.returncode]
+    assert failed == [], failed
+    for r in results:
+        assert_clean(r, IHATEMONEY_PASSWORD)
+    ran = [re.search(r"-> (\w+)", rec["event"]).group(1) for r in results for rec in r.records
+           if rec.get("logger") == "alembic.runtime.migration" and rec["event"].startswith(("Running upgrade",
+                                                                                            "Running wrapper"))]
+    assert sorted(ran) == sorted(history), ran
+    applied = [rev for r in results for rev in summary(r)["applied"]]
+    assert sorted(applied) == sorted(history), [summary(r) for r in results]
+    assert sum(summary(r)["outcome"] == "upgraded" for r in results) == 1, [summary(r) for r in results]
+    assert version_table_rows(postgres, database) == {"public.alembic_version": [history[-1]]}
+    assert advisory_locks(postgres, database) == []
