@@ -1,9 +1,11 @@
 """The guard that follows the lock: no migration work outlives the lock, whatever env.py's driver.
 
-While the runner migrates, every connection the process opens (the runner's own
-and those env.py opens, through psycopg 3 or 2, asyncpg, pg8000, sync or async)
-is a migration session. On connecting, in one statement of plain SQL run on the
-connection's own cursor (no parameters, so no paramstyle), it
+While the runner migrates, every connection the process opens through SQLAlchemy
+(those env.py opens, through psycopg 3 or 2, asyncpg, pg8000, sync or async) is a
+migration session (the runner's own sessions, `sessions`, do not go through
+SQLAlchemy and write nothing to the migrated database). On connecting, in one
+statement of plain SQL run on the connection's own cursor (no parameters, so no
+paramstyle), it
 
 - takes the lock's fence key shared, so that a later holder of the lock waits
   until this session has ended;
