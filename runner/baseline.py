@@ -23,29 +23,30 @@ import os
 from contextlib import contextmanager
 from typing import Callable, Iterator
 
+import psycopg
 from alembic import command as alembic_command
 from alembic.config import Config
-from sqlalchemy import event, pool, text
-from sqlalchemy.engine import URL, Connection
-from sqlalchemy.exc import DBAPIError
+from psycopg import sql
+from sqlalchemy import event, pool
+from sqlalchemy.engine import URL
 
-from . import database, envpy, revisions
+from . import database, envpy, revisions, sessions
 from .errors import ConfigError, DatabaseUnreachable, LegacyDatabase, LockTimeout, RunnerError
 from .lock import Lock, key_for, lock_ids
 
 logger = logging.getLogger("runner.baseline")
 
-# (table, kind, name, definition) rows for the tables of the schemas `:schemas`, leaving out the
+# (table, kind, name, definition) rows for the tables of the schemas `schemas`, leaving out the
 # version table and the tables of extensions (PostGIS's spatial_ref_sys). Definitions come from
 # PostgreSQL's own deparsers, so two schemas built differently compare alike exactly when
 # PostgreSQL would describe them alike.
-_SNAPSHOT = text("""
+_SNAPSHOT = """
     WITH tables AS (
-        SELECT c.oid, CASE WHEN n.nspname = :version_schema THEN c.relname
+        SELECT c.oid, CASE WHEN n.nspname = %(version_schema)s THEN c.relname
                            ELSE n.nspname || '.' || c.relname END AS label
           FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-         WHERE c.relkind IN ('r', 'p') AND n.nspname = ANY(:schemas)
-           AND NOT (n.nspname = :version_schema AND c.relname = :version_table)
+         WHERE c.relkind IN ('r', 'p') AND n.nspname = ANY(%(schemas)s)
+           AND NOT (n.nspname = %(version_schema)s AND c.relname = %(version_table)s)
            AND NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.classid = 'pg_class'::regclass AND d.objid = c.oid
                                                        AND d.deptype = 'e'))
     SELECT t.label, 'table', '', '' FROM tables t
@@ -64,10 +65,11 @@ _SNAPSHOT = text("""
            || regexp_replace(pg_get_indexdef(x.indexrelid), '^.* USING ', 'USING ')
       FROM tables t JOIN pg_index x ON x.indrelid = t.oid JOIN pg_class i ON i.oid = x.indexrelid
      WHERE NOT EXISTS (SELECT 1 FROM pg_constraint k WHERE k.conindid = x.indexrelid AND k.contype IN ('p', 'u'))
-""")
+"""
 
-_SCHEMAS = text("SELECT nspname FROM pg_namespace WHERE nspname NOT IN ('pg_catalog', 'information_schema', "
-                "'pg_toast') AND nspname NOT LIKE 'pg_temp_%' AND nspname NOT LIKE 'pg_toast_temp_%'")
+# Run without parameters: its % are LIKE's.
+_SCHEMAS = ("SELECT nspname FROM pg_namespace WHERE nspname NOT IN ('pg_catalog', 'information_schema', "
+            "'pg_toast') AND nspname NOT LIKE 'pg_temp_%' AND nspname NOT LIKE 'pg_toast_temp_%'")
 
 
 def scratch_name(database_name: str, lock_key: int) -> str:
@@ -86,10 +88,10 @@ def prove(config_for: Callable[[URL], Config], baseline: str, *, url: URL, given
         logger.info("building baseline %s in scratch database %s to compare it with the legacy schema",
                     baseline, runner_scratch.database, extra={"baseline": baseline, "scratch": runner_scratch.database})
         _build(config_for(env_scratch), baseline, env_scratch, lock)
-        with database.engine(runner_scratch).connect() as connection:
-            schemas = sorted({schema, *connection.execute(_SCHEMAS).scalars()})
+        with sessions.connect(runner_scratch) as connection:
+            schemas = sorted({schema, *(name for name, in connection.execute(_SCHEMAS))})
             built = snapshot(connection, schemas, schema, table)
-    with database.engine(url).connect() as connection:
+    with sessions.connect(url) as connection:
         legacy = snapshot(connection, schemas, schema, table)
     differences = compare(legacy, built)
     for difference in differences:
@@ -102,7 +104,7 @@ def prove(config_for: Callable[[URL], Config], baseline: str, *, url: URL, given
                 len({key[0] for key in legacy}), ", ".join(schemas), extra={"baseline": baseline})
 
 
-def snapshot(connection: Connection, schemas: list[str], version_schema: str, version_table: str) -> dict:
+def snapshot(connection: psycopg.Connection, schemas: list[str], version_schema: str, version_table: str) -> dict:
     """(table, kind, name) -> definition for every table, column, key, constraint and index in `schemas`."""
     rows = connection.execute(_SNAPSHOT, {"schemas": schemas, "version_schema": version_schema,
                                           "version_table": version_table})
@@ -193,9 +195,9 @@ def _scratch_database(url: URL, given: URL, lock: Lock, scratch: URL | None,
     """An empty scratch database, as (the runner's URL, env.py's URL) of it; emptied or dropped after,
     without hiding the error that ended the build."""
     if scratch is not None:
-        runner_scratch = database.with_defaults(database.for_runner(scratch))
+        runner_scratch = sessions.runner_url(scratch)
         try:
-            with database.engine(runner_scratch).connect() as holder:
+            with sessions.connect(runner_scratch) as holder:
                 _take(holder, lock, lock_timeout)
                 _empty(holder)
                 try:
@@ -204,7 +206,7 @@ def _scratch_database(url: URL, given: URL, lock: Lock, scratch: URL | None,
                     _quietly(lambda: _empty(holder))
                     raise
                 _empty(holder)
-        except DBAPIError as e:
+        except psycopg.Error as e:
             raise _failure(e, "use MIGRATE_SCRATCH_DATABASE_URL") from None
         return
     name = scratch_name(url.database, lock.key)
@@ -231,50 +233,47 @@ def _quietly(cleanup: Callable[[], None]) -> None:
         logger.warning("MIGRATE_VERIFY_BASELINE: the scratch database was not cleaned up: %s", e)
 
 
-def _take(holder: Connection, lock: Lock, lock_timeout: float) -> None:
+def _take(holder: psycopg.Connection, lock: Lock, lock_timeout: float) -> None:
     """Make sure the given scratch database is not the proven one, then take its own lock for this build."""
-    _, proven = _where(holder.connection.dbapi_connection, lock)
+    _, proven = _where(holder, lock)
     if proven:
         raise ConfigError("MIGRATE_SCRATCH_DATABASE_URL names the database being migrated; it must name a "
                           "database of its own, whose schemas the runner drops")
-    holder.exec_driver_sql(f"SET lock_timeout = {max(1, int(lock_timeout * 1000))}")
+    holder.execute(f"SET lock_timeout = {max(1, int(lock_timeout * 1000))}")
     try:
-        holder.exec_driver_sql(f"SELECT pg_advisory_lock({_SCRATCH_KEY})")
-    except DBAPIError as e:
+        holder.execute(f"SELECT pg_advisory_lock({_SCRATCH_KEY})")
+    except psycopg.Error as e:
         if database.sqlstate(e) == "55P03":
             raise LockTimeout(f"MIGRATE_SCRATCH_DATABASE_URL is in use by another runner's baseline proof for "
                               f"longer than {lock_timeout:g}s (MIGRATE_LOCK_TIMEOUT)") from None
         raise
-    holder.exec_driver_sql("RESET lock_timeout")
-    holder.commit()
+    holder.execute("RESET lock_timeout")
 
 
-def _empty(holder: Connection) -> None:
+def _empty(holder: psycopg.Connection) -> None:
     """Drop every schema of the given scratch database (a killed run's leftovers too) and make `public` again.
 
     Not DROP OWNED, which also revokes the role's privileges on shared objects, such as
     CONNECT on the application's database.
     """
-    quote = holder.dialect.identifier_preparer.quote
-    for name in holder.execute(_SCHEMAS).scalars().all():
-        holder.exec_driver_sql(f"DROP SCHEMA {quote(name)} CASCADE")
-    holder.exec_driver_sql("CREATE SCHEMA public")
-    holder.commit()
+    with holder.transaction():  # all or nothing, as one statement would be
+        for name, in holder.execute(_SCHEMAS).fetchall():
+            holder.execute(sql.SQL("DROP SCHEMA {} CASCADE").format(sql.Identifier(name)))
+        holder.execute("CREATE SCHEMA public")
 
 
 def _admin(url: URL, statement: str, doing: str, force: str = "") -> None:
     """A statement that cannot run in a transaction, on a connection of its own; `force` added from 13 on."""
     try:
-        with database.engine(url).connect() as connection:
-            if force and database.server_version(connection) >= 130000:
+        with sessions.connect(url) as connection:  # autocommit: CREATE/DROP DATABASE refuse a transaction
+            if force and sessions.server_version(connection) >= 130000:
                 statement += force
-            connection.rollback()
-            connection.execution_options(isolation_level="AUTOCOMMIT").exec_driver_sql(statement)
-    except DBAPIError as e:
+            connection.execute(statement)
+    except psycopg.Error as e:
         raise _failure(e, doing) from None
 
 
-def _failure(error: DBAPIError, doing: str) -> RunnerError:
+def _failure(error: psycopg.Error, doing: str) -> RunnerError:
     if database.is_disconnect(error):
         return DatabaseUnreachable(f"MIGRATE_VERIFY_BASELINE: cannot {doing}: {database.first_line(error)}")
     hint = ""

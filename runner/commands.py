@@ -16,19 +16,20 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
+import psycopg
 import tenacity
 from alembic import command as alembic_command
 from alembic.config import Config
 from alembic.script import ScriptDirectory
 from sqlalchemy.engine import URL, make_url
-from sqlalchemy.exc import DBAPIError
 
-from . import baseline, credentials, database, drift, envpy, flaskapp, guard, lineage, log, migrate, revisions
+from . import (baseline, credentials, database, drift, envpy, flaskapp, guard, lineage, log, migrate, revisions,
+               sessions)
 from . import lint as lint_
 from .errors import EXIT_OK, ConfigError, DatabaseUnreachable, LintFindings, PendingRevisions, SchemaDrift
 from .lock import Lock, advisory_lock
 from .report import Report
-from .settings import Settings
+from .settings import DRIVERS, Settings
 from .wait import connection_error, fatal_reason, first_line, first_login, refusal, wait_for_database
 
 logger = logging.getLogger("runner")
@@ -190,9 +191,9 @@ def _under_lock(settings: Settings, report: Report, url: URL, lock: Lock, script
 
     def read_back() -> tuple[str, ...]:
         # On a new connection: after a failure the lock's session may be gone too.
-        with database.engine(url).connect() as connection:
-            return revisions.current_heads(connection, version_table=progress.state.table,
-                                           schema=progress.state.schema)
+        with sessions.connect(url) as session:
+            return revisions.version_rows(session, version_table=progress.state.table,
+                                          schema=progress.state.schema)
 
     attempts = []
 
@@ -241,8 +242,8 @@ def _let_ahead_through(settings: Settings, state: revisions.State, script: Scrip
 def _read_back_after_success(lock, state: revisions.State) -> tuple[str, ...]:
     """The version table, read on the lock's session once env.py returned."""
     try:
-        return revisions.current_heads(lock.connection, version_table=state.table, schema=state.schema)
-    except DBAPIError as e:
+        return revisions.version_rows(lock.connection, version_table=state.table, schema=state.schema)
+    except psycopg.Error as e:
         if database.is_disconnect(e):
             raise DatabaseUnreachable(f"env.py returned, but the database was lost before the runner could read "
                                       f"back where it is: {first_line(e)}") from None
@@ -442,7 +443,7 @@ def _offline_scripts(settings: Settings) -> tuple[Config, ScriptDirectory]:
     """alembic's config and the scripts for offline SQL: DATABASE_URL's dialect if it is set, else a placeholder,
     since nothing connects."""
     given = settings.url() if settings.database_url or settings.database_url_file else make_url(
-        "postgresql+psycopg://lint@localhost/lint")
+        "postgresql://lint@localhost/lint").set(drivername=DRIVERS["postgresql"])
     return _config_and_scripts(settings, given)
 
 
@@ -465,7 +466,7 @@ def _url(settings: Settings) -> URL:
     _session_options(settings, None)
     # env.py gets the URL as given, as it would from alembic.ini; the runner's own sessions add
     # keepalives and timeouts, which other drivers than libpq's would not accept.
-    return database.with_defaults(database.for_runner(given))
+    return sessions.runner_url(given)
 
 
 def _config_and_scripts(settings: Settings, given: URL) -> tuple[Config, ScriptDirectory]:
@@ -501,9 +502,9 @@ def _options_after_login(settings: Settings, server_version: int) -> int | None:
 def _probe_session_options(url: URL) -> None:
     # Commands without the lock: their first connection carrying the options is this one.
     try:
-        with database.engine(url).connect():
+        with sessions.connect(url):
             pass
-    except DBAPIError as e:
+    except psycopg.Error as e:
         raise connection_error(url, e) from None
 
 

@@ -4,11 +4,12 @@ A short-lived credential (an IAM token from `aws rds generate-db-auth-token`,
 `gcloud sql generate-login-token` or `az account get-access-token`, a file a
 Vault agent or a CSI driver rewrites) must be fetched when a connection logs
 in, not once at start: a run can outlast a token. So the URL holds no password
-and every login gets a fresh one through SQLAlchemy's `do_connect` event,
-listened on every dialect: the runner's own sessions (psycopg 3) and the
-engines env.py builds itself from sqlalchemy.url (psycopg 3 or 2, asyncpg,
-pg8000, sync or async) alike. Only a login without a password of its own, as
-the URL's user, gets it: a token is never handed to another role's login.
+and every login gets a fresh one: the engines env.py builds itself from
+sqlalchemy.url (psycopg 3 or 2, asyncpg, pg8000, sync or async) through
+SQLAlchemy's `do_connect` event, listened on every dialect; the runner's own
+sessions, which do not go through SQLAlchemy, by calling `fill` as they connect
+(`sessions.connect`). Only a login without a password of its own, as the URL's
+user, gets it: a token is never handed to another role's login.
 
 The command runs without a shell (`shlex.split`; write `sh -c '...'` for a
 pipeline), in a process group of its own that is killed whole after

@@ -1,4 +1,4 @@
-"""Connections: the URL every session uses, and the session settings they carry.
+"""Connections: the servers a URL names, the session settings every connection carries, drivers' errors.
 
 Session settings travel in libpq's environment (PGAPPNAME, PGOPTIONS), not
 only in our own connect calls, so that connections a user's env.py opens
@@ -8,7 +8,6 @@ pg8000) get the same settings by SQL (`settings_sql`) when they connect.
 
 from __future__ import annotations
 
-import functools
 import os
 import re
 import socket
@@ -16,50 +15,11 @@ import socket
 from contextlib import contextmanager
 from typing import Iterator
 
-from sqlalchemy import create_engine, event, pool
-from sqlalchemy.engine import URL, Connection, Engine
-
-# A runner must notice a dead peer even while it waits on a long statement:
-# keepalives detect a silent network, tcp_user_timeout unacknowledged writes.
-LIBPQ_DEFAULTS = {
-    "connect_timeout": "10",
-    "keepalives": "1",
-    "keepalives_idle": "10",
-    "keepalives_interval": "5",
-    "keepalives_count": "3",
-    "tcp_user_timeout": "30000",
-}
-
+from sqlalchemy import event, pool
+from sqlalchemy.engine import URL
 
 # Options the user set for libpq themselves come first; ours are added after.
 _USER_PGOPTIONS = os.environ.get("PGOPTIONS", "")
-
-
-# Query parameters of other drivers' URLs that libpq does not know, and what they become.
-_FOREIGN_PARAMETERS = {"ssl": "sslmode", "prepared_statement_cache_size": None, "command_timeout": None,
-                       "timeout": "connect_timeout", "tcp_keepalive": None}
-_SSL_VALUES = {"true": "require", "false": "disable"}
-
-
-def for_runner(url: URL) -> URL:
-    """The URL the runner's own sessions use: psycopg 3, with another driver's parameters translated."""
-    if url.drivername == "postgresql+psycopg":
-        return url
-    query = {}
-    for name, value in url.query.items():
-        if url.drivername != "postgresql+psycopg2" and name in _FOREIGN_PARAMETERS:
-            name = _FOREIGN_PARAMETERS[name]
-            if name is None:
-                continue
-            if name == "sslmode" and isinstance(value, str):
-                value = _SSL_VALUES.get(value.lower(), value)
-        query[name] = value
-    return url.set(drivername="postgresql+psycopg", query=query)
-
-
-def with_defaults(url: URL) -> URL:
-    """The URL plus our libpq defaults for every parameter the user did not set."""
-    return url.update_query_dict({k: v for k, v in LIBPQ_DEFAULTS.items() if k not in url.query})
 
 
 def endpoint(url: URL) -> str:
@@ -110,15 +70,6 @@ def hosts(url: URL) -> list[tuple[str | None, str | None]]:
     return [(host or None, port or None) for host, port in listed]
 
 
-@functools.cache
-def engine(url: URL) -> Engine:
-    """The process's one engine for `url`: a new connection each time (no pool to go stale).
-
-    Shared so that SQLAlchemy sets its dialect up from the server once, not once per step.
-    """
-    return create_engine(url, poolclass=pool.NullPool)
-
-
 # The settings connections opened from now on carry: name -> value (ms for the timeouts).
 _session: dict[str, str] = {}
 
@@ -135,11 +86,6 @@ def set_session_options(application_name: str, **settings: int | None) -> None:
         os.environ["PGOPTIONS"] = options
     else:
         os.environ.pop("PGOPTIONS", None)
-
-
-def server_version(connection: Connection) -> int:
-    """server_version_num, e.g. 160002."""
-    return int(connection.exec_driver_sql("SHOW server_version_num").scalar_one())
 
 
 @contextmanager

@@ -19,6 +19,7 @@ from sqlalchemy.exc import DBAPIError
 
 from . import database
 from .errors import ConfigError, DatabaseUnreachable, RunnerError
+from .settings import SQLALCHEMY_2
 
 
 # Driver modules SQLAlchemy imports for a URL, and the package that provides each.
@@ -53,9 +54,11 @@ def failure(error: BaseException) -> RunnerError:
     if isinstance(error, RunnerError):
         return error
     if isinstance(error, ModuleNotFoundError) and error.name in _DRIVERS:
+        # psycopg 3 is always installed (the runner's own sessions use it), but SQLAlchemy 1.4 has no dialect for it.
+        instead = ", or use postgresql+psycopg:// (sync and async)" if SQLALCHEMY_2 else ""
         return ConfigError(f"env.py's engine needs the driver {error.name!r}, which is not installed: add "
                            f"{_DRIVERS[error.name]} to the image (pip install in a derived image, or build with "
-                           f"--build-arg EXTRAS=drivers), or use postgresql+psycopg:// (sync and async)")
+                           f"--build-arg EXTRAS=drivers){instead}")
     if isinstance(error, EarlyExit):
         return ConfigError(f"env.py exited ({error}) before running the migrations; nothing was applied")
     if database.is_disconnect(error):  # any driver's: asyncpg raises OSError from connect unwrapped

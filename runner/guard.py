@@ -1,9 +1,11 @@
 """The guard that follows the lock: no migration work outlives the lock, whatever env.py's driver.
 
-While the runner migrates, every connection the process opens (the runner's own
-and those env.py opens, through psycopg 3 or 2, asyncpg, pg8000, sync or async)
-is a migration session. On connecting, in one statement of plain SQL run on the
-connection's own cursor (no parameters, so no paramstyle), it
+While the runner migrates, every connection the process opens through SQLAlchemy
+(those env.py opens, through psycopg 3 or 2, asyncpg, pg8000, sync or async) is a
+migration session (the runner's own sessions, `sessions`, do not go through
+SQLAlchemy and write nothing to the migrated database). On connecting, in one
+statement of plain SQL run on the connection's own cursor (no parameters, so no
+paramstyle), it
 
 - takes the lock's fence key shared, so that a later holder of the lock waits
   until this session has ended;
@@ -33,7 +35,7 @@ from sqlalchemy import event
 from sqlalchemy.engine import Engine
 from sqlalchemy.pool import Pool
 
-from . import credentials, database
+from . import database, sessions
 from .errors import ConfigError, DatabaseUnreachable
 from .lock import CHECK_GRACE, Lock, lock_ids
 
@@ -322,7 +324,7 @@ class Watchdog:
         for connection in list(self.sessions.values()):
             database.sever(connection)
         _terminate(self.lock, list(self.sessions))
-        database.sever(self.lock.connection.connection.dbapi_connection)
+        database.sever(self.lock.connection)
 
 
 def describe_blockers(blockers: list[dict]) -> str:
@@ -335,15 +337,9 @@ def describe_blockers(blockers: list[dict]) -> str:
 
 
 def _terminate(lock: Lock, pids: list[int]) -> None:
-    import psycopg
-
     try:
-        url = lock.connection.engine.url
-        # As the dialect reads the URL (a multi-host one's list too), aimed at the server the lock's session is on.
-        params = {**lock.connection.engine.dialect.create_connect_args(url)[1], "connect_timeout": 3,
-                  **_server_of(lock)}
-        # Not through SQLAlchemy: a rotating password is filled in here as its do_connect event does.
-        with psycopg.connect(autocommit=True, **credentials.fill(params)) as conn:
+        # The lock's URL (a multi-host one's list too), aimed at the server the lock's session is on.
+        with sessions.connect(lock.url, connect_timeout=3, **_server_of(lock)) as conn:
             for group in (pids, [lock.pid]):
                 if not group:
                     continue
@@ -360,7 +356,7 @@ def _terminate(lock: Lock, pids: list[int]) -> None:
 def _server_of(lock: Lock) -> dict:
     """host and port of the server the lock's session reached: of a multi-host URL's, the one that matters."""
     try:
-        reached = database.server_reached(lock.connection.connection.dbapi_connection)
+        reached = database.server_reached(lock.connection)
     except Exception:  # closed meanwhile: the URL's list it is
         reached = None
     return {"host": reached[0], "port": reached[1]} if reached else {}

@@ -17,12 +17,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterator
 
+import psycopg
 import tenacity
-from sqlalchemy import text
-from sqlalchemy.engine import URL, Connection
-from sqlalchemy.exc import DBAPIError
+from psycopg.rows import dict_row
+from sqlalchemy.engine import URL
 
-from . import database
+from . import database, sessions
 from .errors import ConfigError, LockTimeout
 from .wait import connection_error
 
@@ -30,19 +30,19 @@ logger = logging.getLogger("runner.lock")
 
 # A session must not be dropped by a role's or server's idle timeouts while it
 # holds the lock. set_config through pg_settings skips names an older server lacks.
-_KEEP_SESSION = text(
+_KEEP_SESSION = (
     "SELECT set_config(name, '0', false) FROM pg_settings WHERE name IN "
     "('idle_session_timeout', 'idle_in_transaction_session_timeout', 'statement_timeout', 'lock_timeout')"
 )
 
-_HOLDERS = text("""
+_HOLDERS = """
     SELECT l.pid, a.application_name, host(a.client_addr) AS client_addr,
            a.backend_start, a.state, a.query
       FROM pg_locks l LEFT JOIN pg_stat_activity a ON a.pid = l.pid
      WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1
-       AND l.classid::bigint = :classid AND l.objid::bigint = :objid
+       AND l.classid::bigint = %(classid)s AND l.objid::bigint = %(objid)s
        AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
-""")
+"""
 
 
 def derive_key(database_name: str, schema: str, table: str) -> int:
@@ -93,11 +93,12 @@ def fence_key(key: int) -> int:
 @dataclass
 class Lock:
     key: int
-    connection: Connection
+    connection: psycopg.Connection  # the lock's session, autocommit
     pid: int
     waited: float
     # Set once the lock is known lost (by the watchdog or a failed check): why.
     lost: str | None = None
+    url: URL | None = None  # the URL the lock's session was opened with (the runner's)
 
     def __post_init__(self) -> None:
         self._mutex = threading.Lock()
@@ -108,7 +109,7 @@ class Lock:
 
     def query(self, sql: str, params: dict | None = None, grace: float = CHECK_GRACE) -> list[tuple]:
         """Run a query on the lock's session from any thread; the session is severed if it hangs."""
-        raw = self.connection.connection.dbapi_connection
+        raw = self.connection
         with self._mutex:
             timer = threading.Timer(grace, database.sever, (raw,))
             timer.daemon = True
@@ -137,26 +138,31 @@ class Lock:
         return bool(rows and rows[0][0])
 
 
-def holders(connection: Connection, key: int) -> list[dict]:
+def holders(connection: psycopg.Connection, key: int) -> list[dict]:
     """Who holds the lock: pid, application_name, client address, since when."""
-    return [dict(row._mapping) for row in connection.execute(_HOLDERS, lock_ids(key))]
+    return _rows(connection, _HOLDERS, lock_ids(key))
+
+
+def _rows(connection: psycopg.Connection, sql: str, params: dict) -> list[dict]:
+    with connection.cursor(row_factory=dict_row) as cursor:
+        return cursor.execute(sql, params).fetchall()
 
 
 # A runner's migration sessions hold its fence key shared: what they are doing now.
-_MIGRATING = text("""
+_MIGRATING = """
     SELECT a.pid, a.state, a.wait_event_type, a.wait_event,
            extract(epoch FROM clock_timestamp() - a.query_start)::float8 AS seconds, left(a.query, 200) AS query
       FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
      WHERE l.locktype = 'advisory' AND l.mode = 'ShareLock' AND l.granted AND l.objsubid = 1
-       AND l.classid::bigint = :classid AND l.objid::bigint = :objid
+       AND l.classid::bigint = %(classid)s AND l.objid::bigint = %(objid)s
        AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
      ORDER BY a.state = 'active' DESC, a.pid
-""")
+"""
 
 
-def migrating(connection: Connection, key: int) -> list[dict]:
+def migrating(connection: psycopg.Connection, key: int) -> list[dict]:
     """The migration sessions of whoever holds the lock `key` (they hold its fence key shared)."""
-    return [dict(row._mapping) for row in connection.execute(_MIGRATING, lock_ids(fence_key(key)))]
+    return _rows(connection, _MIGRATING, lock_ids(fence_key(key)))
 
 
 def describe_holders(rows: list[dict], sessions: list[dict] = ()) -> str:
@@ -176,43 +182,41 @@ def describe_holders(rows: list[dict], sessions: list[dict] = ()) -> str:
     )
 
 
-def resolve_key(connection: Connection, key: int | None, schema: str | None, table: str) -> int:
+def resolve_key(connection: psycopg.Connection, key: int | None, schema: str | None, table: str) -> int:
     if key is not None:
         return key
-    database_name, current_schema = connection.execute(text("SELECT current_database(), current_schema()")).one()
+    database_name, current_schema = connection.execute("SELECT current_database(), current_schema()").fetchone()
     return derive_key(database_name, schema or current_schema, table)
 
 
 @contextmanager
 def advisory_lock(url: URL, key: int | None, timeout: float, *, schema: str | None = None,
                   table: str = "alembic_version", sleep=time.sleep,
-                  second_session: Connection | None = None) -> Iterator[Lock]:
+                  second_session: psycopg.Connection | None = None) -> Iterator[Lock]:
     """Hold the advisory lock for the body of the `with`; released on every exit path.
 
     `second_session`, an open connection to the same database, is closed here: if the lock
     is free at once, it first serves to tell a transaction pooler (else a new one does), so
     a runner that has to wait holds one connection, not two.
     """
-    engine = database.engine(url)
-
     def close_spare() -> None:  # closing twice is harmless
         if second_session is not None:
             second_session.close()
 
     try:
-        connection = engine.connect().execution_options(isolation_level="AUTOCOMMIT")
-    except DBAPIError as e:
+        connection = sessions.connect(url)  # autocommit
+    except psycopg.Error as e:
         close_spare()
         raise connection_error(url, e) from None
     try:
-        connection.execute(_KEEP_SESSION).all()
+        connection.execute(_KEEP_SESSION).fetchall()
         key = resolve_key(connection, key, schema, table)
-        pid = connection.execute(text("SELECT pg_backend_pid()")).scalar_one()
+        pid = connection.execute("SELECT pg_backend_pid()").fetchone()[0]
         started = time.monotonic()
         last_report = [None, 0.0]
 
         def try_lock() -> bool:
-            return connection.execute(text("SELECT pg_try_advisory_lock(:key)"), {"key": key}).scalar_one()
+            return connection.execute("SELECT pg_try_advisory_lock(%s)", (key,)).fetchone()[0]
 
         def report(state: tenacity.RetryCallState) -> None:
             close_spare()
@@ -241,8 +245,8 @@ def advisory_lock(url: URL, key: int | None, timeout: float, *, schema: str | No
                 f"lock {key} not acquired within {timeout:g}s (MIGRATE_LOCK_TIMEOUT); held by "
                 f"{describe_holders(rows, migrating(connection, key))}; if that session is stuck, end it with: "
                 f"SELECT pg_terminate_backend({pids});") from None
-        lock = Lock(key=key, connection=connection, pid=pid, waited=time.monotonic() - started)
-        _refuse_transaction_pooling(lock, engine, second_session)
+        lock = Lock(key=key, connection=connection, pid=pid, waited=time.monotonic() - started, url=url)
+        _refuse_transaction_pooling(lock, second_session)
         close_spare()
         _wait_for_fence(connection, lock.fence, max(1.0, timeout - lock.waited), sleep)
         lock.waited = time.monotonic() - started
@@ -253,13 +257,13 @@ def advisory_lock(url: URL, key: int | None, timeout: float, *, schema: str | No
         _release(connection, key if isinstance(key, int) else None)
 
 
-def _refuse_transaction_pooling(lock: Lock, engine, second_session: Connection | None) -> None:
+def _refuse_transaction_pooling(lock: Lock, second_session: psycopg.Connection | None) -> None:
     # Behind a transaction-mode pooler each statement may run on another
     # backend, and a session lock protects nothing: check it is really ours.
     # An idle pooler hands every client the same backend, so a second client
     # seeing our backend pid proves the sharing even without concurrent traffic.
-    shared = _backend_pid(second_session, engine) == lock.pid
-    same_backend = lock.connection.execute(text("SELECT pg_backend_pid()")).scalar_one() == lock.pid
+    shared = _backend_pid(second_session, lock.url) == lock.pid
+    same_backend = lock.connection.execute("SELECT pg_backend_pid()").fetchone()[0] == lock.pid
     if shared or not (same_backend and lock.held(ask_pg_locks=True)):
         raise ConfigError(
             "the advisory lock is not held by this session: the connection goes through a "
@@ -267,22 +271,22 @@ def _refuse_transaction_pooling(lock: Lock, engine, second_session: Connection |
             "at PostgreSQL directly or at a session-pooled port")
 
 
-def _backend_pid(session: Connection | None, engine) -> int:
+def _backend_pid(session: psycopg.Connection | None, url: URL) -> int:
     """pg_backend_pid() as another client sees it: on `session`, or on a new one if it is gone."""
     if session is not None and not session.closed:
         try:
-            return session.execute(text("SELECT pg_backend_pid()")).scalar_one()
-        except DBAPIError:
+            return session.execute("SELECT pg_backend_pid()").fetchone()[0]
+        except psycopg.Error:
             pass  # ended meanwhile (an idle_session_timeout, say): a new session tells as well
-    with engine.connect() as probe:
-        return probe.execute(text("SELECT pg_backend_pid()")).scalar_one()
+    with sessions.connect(url) as probe:
+        return probe.execute("SELECT pg_backend_pid()").fetchone()[0]
 
 
-def _wait_for_fence(connection: Connection, fence: int, timeout: float, sleep) -> None:
+def _wait_for_fence(connection: psycopg.Connection, fence: int, timeout: float, sleep) -> None:
     # A previous holder that lost its session may still have a migration
     # statement running on the server: wait until every such session is gone.
     def try_fence() -> bool:
-        return connection.execute(text("SELECT pg_try_advisory_lock(:key)"), {"key": fence}).scalar_one()
+        return connection.execute("SELECT pg_try_advisory_lock(%s)", (fence,)).fetchone()[0]
 
     def report(state: tenacity.RetryCallState) -> None:
         if state.attempt_number == 1:
@@ -297,13 +301,13 @@ def _wait_for_fence(connection: Connection, fence: int, timeout: float, sleep) -
     except tenacity.RetryError:
         raise LockTimeout(f"a migration session of the previous lock holder was still running after {timeout:g}s "
                           f"(MIGRATE_LOCK_TIMEOUT)") from None
-    connection.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": fence})
+    connection.execute("SELECT pg_advisory_unlock(%s)", (fence,))
 
 
-def _release(connection: Connection, key: int | None) -> None:
+def _release(connection: psycopg.Connection, key: int | None) -> None:
     try:
-        if key is not None and not connection.invalidated and not connection.closed:
-            connection.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": key})
+        if key is not None and not connection.closed:  # closed: lost (broken) or closed by us
+            connection.execute("SELECT pg_advisory_unlock(%s)", (key,))
     except Exception as e:  # closing the session below releases it anyway
         logger.debug("unlock failed (%s); closing the session releases the lock", e)
     finally:

@@ -11,10 +11,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
+import psycopg
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from alembic.util import CommandError
+from psycopg import sql
 from sqlalchemy import MetaData, Table, text
 from sqlalchemy.engine import URL, Connection
 
@@ -320,6 +322,15 @@ def current_heads(connection: Connection, *, version_table: str, schema: str | N
         context = MigrationContext.configure(
             connection, opts={"version_table": version_table, "version_table_schema": schema})
         return tuple(context.get_current_heads())
+
+
+def version_rows(session: psycopg.Connection, *, version_table: str, schema: str) -> tuple[str, ...]:
+    """The revisions in the version table `schema`.`version_table` (none if it does not exist), read with
+    plain SQL on one of the runner's own sessions, as `current_heads` reads them through alembic."""
+    name = sql.Identifier(schema, version_table)
+    if session.execute("SELECT to_regclass(%s)", (name.as_string(session),)).fetchone()[0] is None:
+        return ()
+    return tuple(row[0] for row in session.execute(sql.SQL("SELECT version_num FROM {}").format(name)))
 
 
 @contextmanager

@@ -10,6 +10,7 @@ from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+from sqlalchemy import __version__ as SQLALCHEMY_VERSION
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError
 
@@ -17,11 +18,16 @@ from . import database
 from .errors import ConfigError
 
 INT64 = 2**63
+
+SQLALCHEMY_2 = int(SQLALCHEMY_VERSION.split(".")[0]) >= 2
+# What the plain schemes mean to env.py: psycopg 3 under SQLAlchemy 2; under 1.4, which has no
+# psycopg 3 dialect, psycopg2, 1.4's own default for postgresql://.
+PLAIN_DRIVER = "postgresql+psycopg" if SQLALCHEMY_2 else "postgresql+psycopg2"
 # URL schemes accepted, and the driver env.py receives for each: the application's own URL
-# works as it is. The runner's own sessions always use psycopg 3 (database.for_runner).
+# works as it is. The runner's own sessions always use psycopg 3 (sessions.for_runner), without SQLAlchemy.
 DRIVERS = {
-    "postgres": "postgresql+psycopg",
-    "postgresql": "postgresql+psycopg",
+    "postgres": PLAIN_DRIVER,
+    "postgresql": PLAIN_DRIVER,
     "postgresql+psycopg": "postgresql+psycopg",
     "postgresql+psycopg_async": "postgresql+psycopg_async",
     "postgresql+psycopg2": "postgresql+psycopg2",
@@ -165,7 +171,7 @@ class Settings(BaseSettings):
         return value
 
     def url(self) -> URL:
-        """The database URL, from the variable or the file, with the psycopg 3 driver."""
+        """The database URL, from the variable or the file, with the driver env.py gets (DRIVERS)."""
         if self.database_url is not None and self.database_url_file is not None:
             raise ConfigError("DATABASE_URL and DATABASE_URL_FILE are both set; set exactly one")
         if self.database_url is None and self.database_url_file is None:
@@ -223,6 +229,10 @@ def parse_url(raw: str, name: str = "DATABASE_URL") -> URL:
         raise ConfigError(f"{name}: not a PostgreSQL URL (postgresql://USER@HOST:PORT/DATABASE, password percent-encoded)") from None
     if url.drivername not in DRIVERS:
         raise ConfigError(f"{name}: unsupported scheme {url.drivername!r}; use one of {', '.join(sorted(DRIVERS))}")
+    if not SQLALCHEMY_2 and url.drivername in _NEEDS_SQLALCHEMY_2:
+        raise ConfigError(f"{name}: {url.drivername}:// needs SQLAlchemy 2 (env.py's engine would have no such "
+                          f"dialect), and SQLAlchemy {SQLALCHEMY_VERSION} is installed; use "
+                          f"{_NEEDS_SQLALCHEMY_2[url.drivername]} instead")
     if not url.database:
         raise ConfigError(f"{name}: the URL names no database")
     if any(mark in (url.host or "") + (url.database or "") for mark in "@ "):
@@ -237,10 +247,16 @@ def parse_url(raw: str, name: str = "DATABASE_URL") -> URL:
     if any(not str(port).strip().isdigit() or not 0 < int(port) < 65536 for port in ports):
         raise ConfigError(f"{name}: the port must be between 1 and 65535")
     if len(servers) > 1 and url.drivername == "postgresql+pg8000":
-        raise ConfigError(f"{name}: pg8000 cannot connect to a list of hosts; use postgresql+psycopg, "
-                          f"postgresql+psycopg2 or postgresql+asyncpg for a multi-host URL")
+        raise ConfigError(f"{name}: pg8000 cannot connect to a list of hosts; use "
+                          f"{'postgresql+psycopg, ' if SQLALCHEMY_2 else ''}postgresql+psycopg2 or "
+                          f"postgresql+asyncpg for a multi-host URL")
     return url.set(drivername=DRIVERS[url.drivername])
 
+
+# Drivers SQLAlchemy 1.4 has no dialect for, and what to use instead under it.
+_NEEDS_SQLALCHEMY_2 = {"postgresql+psycopg": "postgresql+psycopg2:// (or postgresql://, which is psycopg2 under "
+                                             "SQLAlchemy 1.4)",
+                       "postgresql+psycopg_async": "postgresql+asyncpg:// for an async env.py"}
 
 _ENCODE = "percent-encode special characters in the password (@ as %40, / as %2F, % as %25, : as %3A, space as %20)"
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 import logging
 import time
 
+import psycopg
 import tenacity
-from sqlalchemy.engine import URL, Connection
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.engine import URL
 
-from . import credentials, database
+from . import credentials, database, sessions
 from .database import first_line, invalid_reason
 from .errors import ConfigError, DatabaseUnreachable, RunnerError
 
@@ -71,7 +71,7 @@ class OnStandby(Exception):
 
 
 def first_login(url: URL, timeout: float, sleep=time.sleep, *,
-                primary: bool = False) -> tuple[int, Connection]:
+                primary: bool = False) -> tuple[int, psycopg.Connection]:
     """`wait_for_database`, keeping the session that logged in open (no transaction): the caller closes it.
 
     With `primary`, a login that reaches a standby counts as the database not being up yet:
@@ -79,16 +79,14 @@ def first_login(url: URL, timeout: float, sleep=time.sleep, *,
     exit 3 naming the host, rather than fail on the standby's first write.
     """
     where = database.endpoint(url)
-    engine = database.engine(url)
 
-    def attempt() -> tuple[int, Connection]:
-        connection = engine.connect()
+    def attempt() -> tuple[int, psycopg.Connection]:
+        # Autocommit, so idle outside a transaction: a transaction-pooling proxy must not pin a backend to it.
+        connection = sessions.connect(url)
         try:
-            version = database.server_version(connection)
-            if primary and connection.exec_driver_sql("SELECT pg_is_in_recovery()").scalar_one():
+            version = sessions.server_version(connection)
+            if primary and connection.execute("SELECT pg_is_in_recovery()").fetchone()[0]:
                 raise OnStandby(_server(connection, where))
-            # Idle outside a transaction: a transaction-pooling proxy must not pin a backend to it.
-            connection.rollback()
         except BaseException:
             connection.close()
             raise
@@ -112,7 +110,7 @@ def first_login(url: URL, timeout: float, sleep=time.sleep, *,
         # A password command that failed (a token service briefly down), or a rotated password refused
         # before its file caught up, is waited out like the database.
         retry=tenacity.retry_if_exception(lambda e: credentials.cured_by_waiting(e) or isinstance(e, OnStandby)
-                                          or isinstance(e, DBAPIError) and fatal_reason(e) is None),
+                                          or isinstance(e, psycopg.Error) and fatal_reason(e) is None),
         before_sleep=log_retry,
         sleep=sleep,
         reraise=True,
@@ -123,7 +121,7 @@ def first_login(url: URL, timeout: float, sleep=time.sleep, *,
         raise DatabaseUnreachable(f"database {where}: no writable primary after {timeout:g}s "
                                   f"(MIGRATE_WAIT_TIMEOUT), only a read-only standby at {e.server} "
                                   f"(pg_is_in_recovery() is true); {_primary_hint(url)}") from None
-    except DBAPIError as e:
+    except psycopg.Error as e:
         if fatal_reason(e):
             raise refusal(url, e) from None
         if _standbys_only(e):
@@ -141,9 +139,9 @@ def first_login(url: URL, timeout: float, sleep=time.sleep, *,
     return version, session
 
 
-def _server(connection: Connection, where: str) -> str:
+def _server(connection: psycopg.Connection, where: str) -> str:
     """host:port of the server a session reached (which of a multi-host URL's), else the URL's `where`."""
-    reached = database.server_reached(connection.connection.dbapi_connection)
+    reached = database.server_reached(connection)
     return f"{reached[0]}:{reached[1]}" if reached else where
 
 

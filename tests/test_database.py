@@ -2,11 +2,11 @@ import os
 
 from sqlalchemy.engine import make_url
 
-from runner import database
+from runner import database, sessions
 
 
 def test_libpq_defaults_do_not_override_the_users_choices():
-    url = database.with_defaults(make_url("postgresql+psycopg://u@h/db?connect_timeout=3&sslmode=require"))
+    url = sessions.with_defaults(make_url("postgresql+psycopg://u@h/db?connect_timeout=3&sslmode=require"))
     assert url.query["connect_timeout"] == "3" and url.query["sslmode"] == "require"
     assert url.query["keepalives"] == "1" and url.query["tcp_user_timeout"] == "30000"
 
@@ -26,20 +26,18 @@ def test_session_options_reach_libpq_through_the_environment(monkeypatch):
     assert os.environ["PGOPTIONS"] == "-c search_path=app -c statement_timeout=1500"
 
 
-def test_one_engine_per_url_and_options_set_later_reach_its_next_connection(database_url, monkeypatch):
-    # The engine is shared by the wait, the lock and the migration: options set
-    # after its first connection (once the server version is known) must still
-    # reach every later one, because libpq reads them at each connect.
+def test_options_set_later_reach_the_runners_next_session(database_url, monkeypatch):
+    # Options set after the first session (once the server version is known) must reach every
+    # later one, because libpq reads them at each connect.
     monkeypatch.setenv("PGAPPNAME", "")
     monkeypatch.setenv("PGOPTIONS", "")
-    url = make_url(database_url).set(drivername="postgresql+psycopg")
-    engine = database.engine(url)
-    assert database.engine(url) is engine
-    assert database.engine(url.set(database="other")) is not engine
-    with engine.connect() as connection:
-        before = connection.exec_driver_sql("SHOW statement_timeout").scalar_one()
-    database.set_session_options("engine-test", statement_timeout=4321)
-    with engine.connect() as connection:
-        after = connection.exec_driver_sql("SELECT current_setting('statement_timeout'), "
-                                           "current_setting('application_name')").one()
-    assert before == "0" and tuple(after) == ("4321ms", "engine-test")
+    url = sessions.runner_url(make_url(database_url))
+    with sessions.connect(url) as session:
+        before = session.execute("SHOW statement_timeout").fetchone()[0]
+    database.set_session_options("session-test", statement_timeout=4321)
+    with sessions.connect(url) as session:
+        after = session.execute("SELECT current_setting('statement_timeout'), "
+                                "current_setting('application_name')").fetchone()
+        # Our libpq defaults, which the server does not see: libpq's own record of them.
+        keepalive = session.info.get_parameters().get("tcp_user_timeout")
+    assert before == "0" and tuple(after) == ("4321ms", "session-test") and keepalive == "30000"

@@ -176,7 +176,7 @@ def test_the_lock_key_does_not_depend_on_the_hosts_or_their_order(pair, tmp_path
     ("postgresql://u:pw@/x?host=/run/pg", [("/run/pg", None)], "/run/pg:5432"),
 ])
 def test_every_form_of_host_list_is_read_as_sqlalchemys_dialects_read_it(raw, servers, shown, monkeypatch):
-    from runner import database
+    from runner import database, sessions
     from runner.settings import parse_url
 
     monkeypatch.delenv("PGHOST", raising=False)
@@ -184,10 +184,12 @@ def test_every_form_of_host_list_is_read_as_sqlalchemys_dialects_read_it(raw, se
     url = parse_url(raw)
     assert database.hosts(url) == servers and database.endpoint(url) == shown
     # The runner's own URL keeps the list: libpq gets the hosts and ports as psycopg's dialect joins them.
-    runner_url = database.with_defaults(database.for_runner(url.set(drivername="postgresql+asyncpg")))
+    runner_url = sessions.runner_url(url.set(drivername="postgresql+asyncpg"))
     assert database.hosts(runner_url) == servers
-    params = database.engine(runner_url).dialect.create_connect_args(runner_url)[1]
+    params = sessions.connect_kwargs(runner_url)
     assert params["host"].split(",") == [host for host, _ in servers]
+    if any(port for _, port in servers):
+        assert str(params["port"]).split(",") == [port or "" for _, port in servers]
 
 
 @pytest.mark.parametrize("url, words", [

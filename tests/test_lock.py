@@ -4,7 +4,7 @@ import psycopg
 import pytest
 from sqlalchemy.engine import make_url
 
-from runner import database as runner_database
+from runner import sessions
 from runner.errors import LockTimeout
 from runner.lock import advisory_lock, derive_key, holders
 
@@ -67,18 +67,17 @@ def test_a_lost_lock_session_is_noticed(database_url, postgres):
             lock.held()
 
 
-def engine_of(database_url: str):
-    return runner_database.engine(url(database_url))
+def session_of(database_url: str):
+    """A session as the wait hands it to the lock: one of the runner's own."""
+    return sessions.connect(url(database_url))
 
 
 def _session_pid(connection) -> int:
-    pid = connection.exec_driver_sql("SELECT pg_backend_pid()").scalar_one()
-    connection.rollback()
-    return pid
+    return connection.execute("SELECT pg_backend_pid()").fetchone()[0]
 
 
 def test_a_second_session_given_is_used_for_the_pooler_check_then_closed(database_url, postgres):
-    second = engine_of(database_url).connect()
+    second = session_of(database_url)
     second_pid = _session_pid(second)
     with advisory_lock(url(database_url), 21, timeout=5, second_session=second) as lock:
         assert second.closed and lock.held()
@@ -87,7 +86,7 @@ def test_a_second_session_given_is_used_for_the_pooler_check_then_closed(databas
 
 
 def test_a_waiter_closes_the_second_session_before_it_waits(database_url, postgres):
-    second = engine_of(database_url).connect()
+    second = session_of(database_url)
     second_pid = _session_pid(second)
     seen = []
 
@@ -104,7 +103,7 @@ def test_a_waiter_closes_the_second_session_before_it_waits(database_url, postgr
 
 
 def test_a_second_session_ended_meanwhile_is_replaced_by_a_new_one(database_url, postgres, database):
-    second = engine_of(database_url).connect()
+    second = session_of(database_url)
     postgres.execute("SELECT pg_terminate_backend(%s)", params=(_session_pid(second),))
     with advisory_lock(url(database_url), 23, timeout=5, second_session=second) as lock:
         assert lock.held() and second.closed

@@ -1,0 +1,86 @@
+"""The runner on whichever SQLAlchemy the application has, 1.4 (from 1.4.36) or 2.x.
+
+SQLAlchemy 1.4 has no psycopg 3 dialect: there `postgresql://` means psycopg2 to
+env.py, a URL naming psycopg 3 is exit 2, and the runner's own sessions, which
+use psycopg 3 directly, never need SQLAlchemy's dialect for it.
+"""
+
+import subprocess
+import sys
+
+import pytest
+import sqlalchemy
+
+from .conftest import run_runner, runner_env, version_rows
+
+# Also run on SQLAlchemy 1.4 (python3 dev.py test-sa14).
+pytestmark = pytest.mark.core
+
+SQLALCHEMY_14 = int(sqlalchemy.__version__.split(".")[0]) < 2
+only_on_14 = pytest.mark.skipif(not SQLALCHEMY_14, reason="SQLAlchemy 2 has the psycopg 3 dialect")
+
+
+@only_on_14
+@pytest.mark.parametrize("scheme, instead", [("postgresql+psycopg", "postgresql+psycopg2://"),
+                                             ("postgresql+psycopg_async", "postgresql+asyncpg://")])
+def test_a_psycopg3_url_under_sqlalchemy_14_is_exit_2_naming_the_version(project, database_url, scheme, instead):
+    url = database_url.replace("postgresql://", f"{scheme}://", 1)
+    result = run_runner(runner_env(url, project), "upgrade")
+    summary = result.last["event"]
+    assert result.returncode == 2, result
+    assert f"{scheme}:// needs SQLAlchemy 2" in summary and f"SQLAlchemy {sqlalchemy.__version__} is installed" in summary
+    assert instead in summary, summary
+    assert version_rows(database_url) == []
+
+
+@pytest.mark.parametrize("scheme", ["postgresql", "postgres"])
+def test_the_plain_schemes_mean_the_installed_sqlalchemys_default_driver(monkeypatch, scheme):
+    from runner.settings import Settings
+
+    monkeypatch.setenv("DATABASE_URL", f"{scheme}://u:pw@db:5432/shop")
+    expected = "postgresql+psycopg2" if SQLALCHEMY_14 else "postgresql+psycopg"
+    assert Settings.from_env().url().drivername == expected
+
+
+@only_on_14
+def test_under_sqlalchemy_14_a_plain_url_upgrades_through_psycopg2(project, database_url):
+    result = run_runner(runner_env(database_url, project), "upgrade")
+    assert result.returncode == 0, result
+    assert version_rows(database_url) == ["r0003"]
+
+
+# Run as the console script runs, with SQLAlchemy's psycopg 3 dialect (where there is one) made unusable.
+_WITHOUT_THE_DIALECT = """
+import sys
+
+try:
+    from sqlalchemy.dialects.postgresql import psycopg as dialect
+except ImportError:  # SQLAlchemy 1.4: no such dialect
+    dialect = None
+
+if dialect is not None:
+    def refuse(*args, **kwargs):
+        sys.stderr.write("SQLAlchemy's psycopg 3 dialect was used\\n")
+        raise SystemExit(99)
+
+    for name in ("PGDialect_psycopg", "PGDialectAsync_psycopg"):
+        setattr(getattr(dialect, name), "__init__", refuse)
+
+from runner.cli import run
+
+sys.argv = ["migration-runner", *sys.argv[1:]]
+run()
+"""
+
+
+@pytest.mark.parametrize("command", ["upgrade", "check"])
+def test_the_runners_own_sessions_never_use_sqlalchemys_psycopg_dialect(project, database_url, command):
+    # env.py on psycopg2: every session through SQLAlchemy is env.py's; the wait, the lock, the probe
+    # and the read-backs are the runner's own, on psycopg 3 without SQLAlchemy.
+    url = database_url.replace("postgresql://", "postgresql+psycopg2://", 1)
+    if command == "check":
+        assert run_runner(runner_env(url, project), "upgrade").returncode == 0
+    proc = subprocess.run([sys.executable, "-c", _WITHOUT_THE_DIALECT, command], env=runner_env(url, project),
+                          capture_output=True, text=True, timeout=120, cwd=project.parent)
+    assert proc.returncode == 0 and "dialect was used" not in proc.stderr, proc.stderr[-3000:]
+    assert version_rows(database_url) == ["r0003"]
