@@ -24,7 +24,7 @@ from alembic.script import ScriptDirectory
 from sqlalchemy.engine import URL, make_url
 
 from . import (baseline, credentials, database, drift, envpy, flaskapp, guard, lineage, log, migrate, revisions,
-               sessions)
+               sessions, target)
 from . import lint as lint_
 from .errors import EXIT_OK, ConfigError, DatabaseUnreachable, LintFindings, PendingRevisions, SchemaDrift
 from .lock import Lock, advisory_lock
@@ -36,9 +36,10 @@ logger = logging.getLogger("runner")
 
 
 def upgrade(settings: Settings, report: Report) -> int:
-    """Wait for the database, take the lock, check heads, stamp a baseline if asked, upgrade heads."""
+    """Wait for the database, take the lock, check heads, stamp a baseline if asked, upgrade to MIGRATE_TARGET."""
     with _locked_project(settings, report) as project:
         settings, url, config, script = project.settings, project.url, project.config, project.script
+        goal = _goal(settings, script, report)
 
         def decide(state: revisions.State) -> str | None:
             if state.kind == "ahead":
@@ -55,7 +56,8 @@ def upgrade(settings: Settings, report: Report) -> int:
 
         def run(progress: migrate.Progress, decide: Callable) -> None:
             migrate.upgrade(config, script, progress, decide, record=lineage.of(script, settings.image),
-                            expected=_expected_version_table(settings), tables_before=project.tables_before)
+                            expected=_expected_version_table(settings), tables_before=project.tables_before,
+                            goal=goal)
 
         def prove_baseline(lock) -> None:
             # Under the lock, before the run that would stamp it: a baseline that does not match writes nothing.
@@ -85,17 +87,19 @@ def upgrade(settings: Settings, report: Report) -> int:
         report.outcome = "ahead"
         report.message = f"ahead of the scripts: at {_names(reached)}, heads {_names(script.get_heads())}; nothing done"
         return EXIT_OK
-    missing = revisions.pending_revisions(script, reached)
+    # Success is the target read back, not env.py returning.
+    missing = target.pending(script, goal, reached)
     if missing:
         raise ConfigError(
-            f"env.py returned without reaching the heads: the database is at {_names(reached)}, "
+            f"env.py returned without reaching {_aim(goal)}: the database is at {_names(reached)}, "
             f"{_count(len(missing), 'revision')} not applied ({', '.join(r.revision for r in missing)}); does env.py "
             f"commit (context.begin_transaction()) and call context.run_migrations() in online mode?")
     if progress.state.kind == "current" and not report.applied:
         report.outcome = "current"
-        report.message = f"already at heads: {_names(reached)}"
+        report.message = (f"already at heads: {_names(reached)}" if goal.is_heads else
+                          f"already at or beyond {goal}: {_names(reached)}")
         return EXIT_OK
-    return _moved(report, "upgraded", report.applied, "applied")
+    return _moved(report, "upgraded", report.applied, "applied", goal)
 
 
 def downgrade(settings: Settings, report: Report, target: str) -> int:
@@ -121,10 +125,11 @@ def downgrade(settings: Settings, report: Report, target: str) -> int:
     return _moved(report, "downgraded", report.reverted, "reverted")
 
 
-def _moved(report: Report, outcome: str, moved: list[str], verb: str) -> int:
+def _moved(report: Report, outcome: str, moved: list[str], verb: str, goal: target.Target | None = None) -> int:
     """Exit 0 with the summary of an upgrade or a downgrade that changed the database."""
     report.outcome = outcome
-    report.message = (f"{outcome}: {_names(report.from_revision)} -> {_names(report.to_revision)}, "
+    aim = f" (target {goal})" if goal is not None and not goal.is_heads else ""
+    report.message = (f"{outcome}: {_names(report.from_revision)} -> {_names(report.to_revision)}{aim}, "
                       f"{_count(len(moved), 'revision')} {verb}, lock wait {report.lock_wait:.1f}s, "
                       f"total {time.monotonic() - report.started:.1f}s")
     return EXIT_OK
@@ -253,23 +258,25 @@ def _read_back_after_success(lock, state: revisions.State) -> tuple[str, ...]:
 
 
 def check(settings: Settings, report: Report) -> int:
-    """Exit 0 if the database is at the scripts' heads, 9 if revisions are pending, 8 if it is ahead."""
+    """Exit 0 if the database is at (or beyond) MIGRATE_TARGET, 9 if revisions are pending, 8 if it is ahead."""
     url, config, script = _scripts(settings)
+    goal = _goal(settings, script, report)
     _connect(settings, url)
-    state = _read_state_or_fail(config, script, settings)
+    state = _read_state_or_fail(config, script, settings, goal=goal)
     _log_state(state)
-    return _judge(state, report, script, settings)
+    return _judge(state, report, script, settings, goal)
 
 
 def wait(settings: Settings, report: Report) -> int:
-    """Repeat `check` with backoff until the database is at heads or MIGRATE_WAIT_TIMEOUT passes."""
+    """Repeat `check` with backoff until the database is at MIGRATE_TARGET or MIGRATE_WAIT_TIMEOUT passes."""
     url, config, script = _scripts(settings)
+    goal = _goal(settings, script, report)
     last_logged = [None]
 
     def attempt() -> int:
         try:
             with database.tagged():
-                state = _read_state(config, script, settings)
+                state = _read_state(config, script, settings, goal=goal)
         except Exception as e:
             if isinstance(e, credentials.Unavailable):  # no password this time: a token service briefly down
                 raise _NotUpYet(str(e)) from None
@@ -283,7 +290,7 @@ def wait(settings: Settings, report: Report) -> int:
         if (state.kind, state.current) != last_logged[0]:
             last_logged[0] = (state.kind, state.current)
             _log_state(state)
-        return _judge(state, report, script, settings)
+        return _judge(state, report, script, settings, goal)
 
     retrying = tenacity.Retrying(
         stop=tenacity.stop_after_delay(settings.wait_timeout),
@@ -295,7 +302,7 @@ def wait(settings: Settings, report: Report) -> int:
     try:
         return retrying(attempt)
     except PendingRevisions as e:
-        raise PendingRevisions(f"still not at heads after {settings.wait_timeout:g}s (MIGRATE_WAIT_TIMEOUT): "
+        raise PendingRevisions(f"still not at {_aim(goal)} after {settings.wait_timeout:g}s (MIGRATE_WAIT_TIMEOUT): "
                                f"{e}") from None
     except _NotUpYet as e:
         raise DatabaseUnreachable(f"database {database.endpoint(url)} not reachable after "
@@ -309,8 +316,9 @@ class _NotUpYet(Exception):
 def plan(settings: Settings, report: Report, sql: bool = False) -> int:
     """Say what `upgrade` would do from the database's current state; with sql, print the SQL. Changes nothing."""
     url, config, script = _scripts(settings)
+    goal = _goal(settings, script, report)
     _connect(settings, url)
-    state = _read_state_or_fail(config, script, settings)
+    state = _read_state_or_fail(config, script, settings, goal=goal)
     _log_state(state)
     report.from_revision = report.to_revision = state.current
     if state.kind == "ahead":
@@ -327,18 +335,19 @@ def plan(settings: Settings, report: Report, sql: bool = False) -> int:
                     f"stamp baseline {baseline}" if baseline else "upgrade from base",
                     _count(len(state.tables), "table"), extra={"baseline": baseline or "base"})
         start = (baseline,) if baseline else ()
-    pending = revisions.pending_revisions(script, start)
+    pending = revisions.pending_revisions(script, start, goal)
     for revision in pending:
         logger.info("would apply %s: %s", revision.revision, revisions.title(revision.doc),
                     extra={"revision": revision.revision})
     report.pending = [revision.revision for revision in pending]
-    report.to_revision = tuple(script.get_heads())
+    report.to_revision = goal.revisions
     report.outcome = "planned"
-    report.message = (f"plan: {_names(state.current)} -> {_names(script.get_heads())}"
+    report.message = (f"plan: {_names(state.current)} -> {_names(goal.revisions)}"
+                      f"{'' if goal.is_heads else f' (target {goal.name})'}"
                       f"{f' (stamping baseline {baseline} first)' if baseline else ''}, "
                       f"{_count(len(pending), 'revision')} would be applied")
     if sql:
-        _print_sql(config, script, start, baseline)
+        _print_sql(config, script, start, baseline, goal)
     return EXIT_OK
 
 
@@ -356,6 +365,7 @@ def verify(settings: Settings, report: Report) -> int:
         else:
             found.has_metadata = context.opts.get("target_metadata") is not None
 
+    # The models describe the heads, whatever MIGRATE_TARGET says: an expanded database is not what they model.
     state = _read_state_or_fail(config, script, settings, also=compare)
     _log_state(state)
     if not found.has_metadata:
@@ -384,14 +394,19 @@ def verify(settings: Settings, report: Report) -> int:
 
 
 def heads(settings: Settings, report: Report) -> int:
-    """Exit 0 naming the single head, or 5 listing the heads; needs no database."""
+    """Exit 0 naming the single head, or each head of a labelled branch with its label; 5 listing heads that share
+    a branch (or have none); needs no database."""
     config = revisions.load_config(settings.alembic_config, section=settings.alembic_section,
                                    x_args=settings.x_arguments())
     script = revisions.load_scripts(config)
     found = revisions.check_single_head(script)
     report.to_revision = found
-    report.outcome = "single head"
-    report.message = f"single head: {_names(found)}"
+    if len(found) == 1:
+        report.outcome = "single head"
+        report.message = f"single head: {_names(found)}"
+    else:
+        report.outcome = "one head per branch"
+        report.message = f"{len(found)} heads, one per branch: {_heads(script, found)}"
     return EXIT_OK
 
 
@@ -401,8 +416,9 @@ def lint(settings: Settings, report: Report, start: str | None = None) -> int:
     lint_.squawk()  # before any work: a missing extra is exit 2 at once
     if start is None:
         url, config, script = _scripts(settings)
+        goal = _goal(settings, script, report)
         _connect(settings, url)
-        state = _read_state_or_fail(config, script, settings)
+        state = _read_state_or_fail(config, script, settings, goal=goal)  # what `upgrade` would apply
         _log_state(state)
         report.from_revision = state.current
         if state.kind == "ahead":
@@ -410,7 +426,7 @@ def lint(settings: Settings, report: Report, start: str | None = None) -> int:
             targets = []
         elif state.kind == "legacy":  # what `upgrade` would apply: refused (6), from base, or from the baseline
             stamp = revisions.refuse_legacy(state, settings.baseline_revision, script)
-            targets = revisions.pending_revisions(script, (stamp,) if stamp else ())
+            targets = revisions.pending_revisions(script, (stamp,) if stamp else (), goal)
         else:
             targets = state.pending
     else:
@@ -474,8 +490,29 @@ def _config_and_scripts(settings: Settings, given: URL) -> tuple[Config, ScriptD
     config = _config(settings, given)
     script = revisions.load_scripts(config)
     found = tuple(script.get_heads()) if settings.allow_multiple_heads else revisions.check_single_head(script)
-    logger.info("scripts at %s: head %s", script.dir, _names(found), extra={"heads": list(found)})
+    goal = target.resolve(script, settings.target)  # an unknown target is exit 2 before the database is touched
+    logger.info("scripts at %s: head%s %s%s", script.dir, "s" if len(found) > 1 else "", _heads(script, found),
+                "" if goal.is_heads else f"; target {goal}", extra={"heads": list(found), "target": goal.name})
     return config, script
+
+
+def _goal(settings: Settings, script: ScriptDirectory, report: Report) -> target.Target:
+    """MIGRATE_TARGET resolved against the scripts, and named in the summary."""
+    goal = target.resolve(script, settings.target)
+    report.target = goal.name
+    return goal
+
+
+def _aim(goal: target.Target) -> str:
+    return "the heads" if goal.is_heads else str(goal)
+
+
+def _heads(script: ScriptDirectory, heads: tuple[str, ...]) -> str:
+    """The heads as the log names them: `e2 (expand), c2 (contract)` when they head labelled branches."""
+    if len(heads) <= 1:
+        return _names(heads)
+    labels = revisions.branch_labels(script, heads)
+    return ", ".join(revisions.describe_head(labels, head) for head in heads)
 
 
 def _config(settings: Settings, given: URL) -> Config:
@@ -513,7 +550,8 @@ def _session_options(settings: Settings, check_interval: int | None, **timeouts:
                                  **timeouts)
 
 
-def _judge(state: revisions.State, report: Report, script: ScriptDirectory, settings: Settings) -> int:
+def _judge(state: revisions.State, report: Report, script: ScriptDirectory, settings: Settings,
+           goal: target.Target | None = None) -> int:
     report.from_revision = report.to_revision = state.current
     if state.kind == "ahead":
         _let_ahead_through(settings, state, script)
@@ -522,7 +560,8 @@ def _judge(state: revisions.State, report: Report, script: ScriptDirectory, sett
         return EXIT_OK
     if state.kind == "current":
         report.outcome = "current"
-        report.message = f"at heads: {_names(state.current)}"
+        report.message = (f"at heads: {_names(state.current)}" if goal is None or goal.is_heads else
+                          f"at or beyond {goal}: {_names(state.current)}")
         return EXIT_OK
     pending = state.pending or []
     report.pending = [revision.revision for revision in pending]
@@ -531,12 +570,15 @@ def _judge(state: revisions.State, report: Report, script: ScriptDirectory, sett
         raise PendingRevisions(f"the database has {_count(len(state.tables), 'table')} but no version table: "
                                f"`upgrade` needs MIGRATE_BASELINE_REVISION")
     described = ", ".join(f"{r.revision} ({revisions.title(r.doc)})" for r in pending)
-    raise PendingRevisions(f"{_count(len(pending), 'revision')} pending at {_names(state.current)}: {described}")
+    aim = "" if goal is None or goal.is_heads else f" for {goal}"
+    raise PendingRevisions(f"{_count(len(pending), 'revision')} pending{aim} at {_names(state.current)}: {described}")
 
 
-def _read_state(config: Config, script: ScriptDirectory, settings: Settings, also=None) -> revisions.State:
-    """The database's state as env.py sees it; the MIGRATE_ version table variables, if set, must agree."""
-    return revisions.database_state(config, script, also=also, **_expected_version_table(settings))
+def _read_state(config: Config, script: ScriptDirectory, settings: Settings, also=None,
+                goal: target.Target | None = None) -> revisions.State:
+    """The database's state as env.py sees it, judged against `goal` (default heads); the MIGRATE_ version table
+    variables, if set, must agree."""
+    return revisions.database_state(config, script, also=also, goal=goal, **_expected_version_table(settings))
 
 
 def _expected_version_table(settings: Settings) -> dict[str, str | None]:
@@ -547,17 +589,18 @@ def _expected_version_table(settings: Settings) -> dict[str, str | None]:
 
 
 def _read_state_or_fail(config: Config, script: ScriptDirectory, settings: Settings,
-                        also=None) -> revisions.State:
+                        also=None, goal: target.Target | None = None) -> revisions.State:
     """`_read_state` for the read-only commands, env.py's connections tagged, failures as RunnerErrors."""
     try:
         with database.tagged():
-            return _read_state(config, script, settings, also)
+            return _read_state(config, script, settings, also, goal)
     except Exception as e:
         raise envpy.failure(e) from None
 
 
-def _print_sql(config: Config, script: ScriptDirectory, start: tuple[str, ...], baseline: str | None) -> None:
-    """alembic's offline SQL from `start` to heads, on stdout (logs stay on stderr)."""
+def _print_sql(config: Config, script: ScriptDirectory, start: tuple[str, ...], baseline: str | None,
+               goal: target.Target) -> None:
+    """alembic's offline SQL from `start` to `goal`, on stdout (logs stay on stderr)."""
     if len(start) > 1:
         raise ConfigError("plan --sql needs the database at one revision; it is at " + _names(start))
     buffer = io.StringIO()
@@ -565,8 +608,8 @@ def _print_sql(config: Config, script: ScriptDirectory, start: tuple[str, ...], 
     running = []
 
     def steps(current, context):
-        # What `alembic upgrade <start>:heads --sql` does, noting which revision is being rendered.
-        revisions_ = script._upgrade_revs("heads", current)
+        # What `alembic upgrade <start>:<goal> --sql` does, noting which revision is being rendered.
+        revisions_ = target.upgrade_steps(script, goal, current)
         for step in revisions_:
             step.migration_fn = _noting(step.migration_fn, step.revision, running)
         return revisions_
@@ -576,7 +619,7 @@ def _print_sql(config: Config, script: ScriptDirectory, start: tuple[str, ...], 
             with envpy.no_exit():
                 alembic_command.stamp(config, baseline, sql=True)
         envpy.run(config, script, steps, as_sql=True, starting_rev=start[0] if start else None,
-                  destination_rev="heads")
+                  destination_rev=goal.name)
     except Exception as e:
         where = f"revision {running[-1].revision} ({revisions.title(running[-1].doc)})" if running else "env.py"
         raise ConfigError(f"plan --sql: {where} cannot be rendered offline (it needs a live database?): "

@@ -42,7 +42,8 @@ class ConfigError(RunnerError):
     """A setting, the Alembic config or the connection is unusable as given."""
 
     exit_code = 2
-    meaning = "configuration error (a variable, alembic.ini, a pooled connection, or a downgrade target not below the database)"
+    meaning = ("configuration error (a variable, alembic.ini, a pooled connection, an upgrade target the scripts do "
+               "not have, or a downgrade target not below the database)")
 
 
 class DatabaseUnreachable(RunnerError):
@@ -65,7 +66,8 @@ class MultipleHeads(RunnerError):
     """The migration scripts have more than one head."""
 
     exit_code = 5
-    meaning = "the migration scripts have more than one head"
+    meaning = ("the migration scripts have more than one head in one branch (heads that are each the one head of a "
+               "branch label of their own, such as expand and contract, are not)")
 
 
 class LegacyDatabase(RunnerError):
@@ -91,7 +93,7 @@ class DatabaseAhead(RunnerError):
 
 
 class PendingRevisions(RunnerError):
-    """Read-only commands: the database is not at the scripts' heads yet."""
+    """Read-only commands: the database is not at the scripts' heads (or MIGRATE_TARGET) yet."""
 
     exit_code = 9
     meaning = "`check`/`wait`/`verify`: revisions are pending"
@@ -146,8 +148,8 @@ EXIT_SIGNALS = {signal.SIGINT: 128 + signal.SIGINT, signal.SIGTERM: 128 + signal
 def exit_codes() -> list[dict]:
     """Every exit code with its name, meaning and whether a retry can help."""
     rows = [{"code": EXIT_OK, "name": "ok", "retryable": False,
-             "meaning": "done: the database is at the scripts' heads (`downgrade`: at its target), or ahead of them "
-                        "and let through by MIGRATE_ALLOW_AHEAD"}]
+             "meaning": "done: the database is at the scripts' heads, or at or beyond MIGRATE_TARGET (`downgrade`: at "
+                        "its target), or ahead of them and let through by MIGRATE_ALLOW_AHEAD"}]
     rows.append({"code": EXIT_BUG, "name": "RunnerError", "meaning": RunnerError.meaning, "retryable": False})
     rows += [{"code": e.exit_code, "name": e.__name__, "meaning": e.meaning, "retryable": e.retryable} for e in ERRORS]
     for signum, code in EXIT_SIGNALS.items():

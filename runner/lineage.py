@@ -8,38 +8,56 @@ descend from its own heads (an expand/contract deploy rolled back) rather than
 from a branch it never saw. A comment, because autogenerate and `alembic check`
 skip the version table, plain alembic never touches it, and writing it needs
 nothing beyond owning the version table.
+
+The graph follows `depends_on` as well as down revisions (a contract revision that
+depends on its expand revision stands for both in the version table), and records
+the branch labels: a database ahead on the `contract` branch has dropped what the
+older image's code may still use, which no lineage makes safe.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from alembic.script import ScriptDirectory
 from alembic.util import to_tuple
 
 MARK = "migration-runner lineage"
+# The branch label of the revisions only the new code survives (OpenStack's and alembic's docs' name):
+# an older image is never let through on a database ahead of it on this branch.
+CONTRACT = "contract"
 
 
 @dataclass(frozen=True)
 class Lineage:
     """A recorded graph: each revision's down revisions, the heads, and the image that wrote it."""
 
-    graph: dict[str, tuple[str, ...]]
+    graph: dict[str, tuple[str, ...]]  # down revisions and depends_on
     heads: tuple[str, ...]
     image: str | None = None
+    labels: dict[str, tuple[str, ...]] = field(default_factory=dict)  # revisions in labelled branches
 
 
 def of(script: ScriptDirectory, image: str | None) -> Lineage:
     """The lineage of `script`, as a runner running from `image` records it."""
-    graph = {r.revision: to_tuple(r.down_revision, default=()) for r in script.walk_revisions()}
-    return Lineage(graph=graph, heads=tuple(script.get_heads()), image=image)
+    graph = {r.revision: _below(r) for r in script.walk_revisions()}
+    labels = {r.revision: tuple(sorted(r.branch_labels)) for r in script.walk_revisions() if r.branch_labels}
+    return Lineage(graph=graph, heads=tuple(script.get_heads()), image=image, labels=labels)
+
+
+def _below(revision) -> tuple[str, ...]:
+    """A revision's down revisions, then the revisions it depends on (alembic resolves depends_on labels)."""
+    down = to_tuple(revision.down_revision, default=())
+    return down + tuple(rev for rev in revision._all_down_revisions if rev not in down)
 
 
 def encode(lineage: Lineage) -> str:
     """The comment text: one line, the mark first so that a human reading `\\dt+` knows whose it is."""
     record = {"heads": list(lineage.heads), "image": lineage.image,
               "revisions": {rev: list(down) for rev, down in sorted(lineage.graph.items())}}
+    if lineage.labels:  # absent for a project without branch labels: its comment reads as before
+        record["labels"] = {rev: list(labels) for rev, labels in sorted(lineage.labels.items())}
     return f"{MARK} 1 " + json.dumps(record, separators=(",", ":"), sort_keys=True)
 
 
@@ -50,7 +68,8 @@ def decode(comment: str | None) -> Lineage | None:
     try:
         record = json.loads(comment.removeprefix(f"{MARK} 1 "))
         graph = {str(rev): tuple(str(d) for d in down) for rev, down in record["revisions"].items()}
-        return Lineage(graph=graph, heads=tuple(record["heads"]), image=record.get("image"))
+        labels = {str(rev): tuple(str(label) for label in found) for rev, found in record.get("labels", {}).items()}
+        return Lineage(graph=graph, heads=tuple(record["heads"]), image=record.get("image"), labels=labels)
     except (ValueError, KeyError, TypeError, AttributeError):
         return None
 
@@ -78,13 +97,16 @@ def judge(recorded: Lineage | None, script: ScriptDirectory, current: tuple[str,
     heads = tuple(script.get_heads())
     guess = heads[0] if len(heads) == 1 else None
     mine = of(script, None).graph
+    # A runner before depends_on was recorded wrote down revisions only: those match too.
+    mine_down = {r.revision: to_tuple(r.down_revision, default=()) for r in script.walk_revisions()}
     unknown = tuple(rev for rev in current if rev not in mine)
     if recorded is None:
         return Verdict(False, "no lineage recorded by migration-runner shows where they come from "
                               "(migrated by plain alembic, or by a runner without write access to the comment?)",
                        guess, None)
     # Ids both graphs know must name the same revision: same parents, or the ids collide.
-    clash = next((rev for rev, down in recorded.graph.items() if rev in mine and set(mine[rev]) != set(down)), None)
+    clash = next((rev for rev, down in recorded.graph.items()
+                  if rev in mine and set(down) not in (set(mine[rev]), set(mine_down[rev]))), None)
     if clash is not None:
         return Verdict(False, f"the recorded lineage gives {clash} other down revisions than these scripts do",
                        None, recorded.image)
@@ -98,6 +120,12 @@ def judge(recorded: Lineage | None, script: ScriptDirectory, current: tuple[str,
     if missing:
         return Verdict(False, f"per the recorded lineage {', '.join(unknown)} do not descend from "
                               f"{', '.join(missing)} (a branch these scripts never saw)", meeting, recorded.image)
+    beyond = _ancestors(recorded.graph, current) - set(mine)
+    contracted = sorted(rev for rev in beyond if CONTRACT in recorded.labels.get(rev, ()))
+    if contracted:
+        return Verdict(False, f"per the recorded lineage the database is contracted past these scripts: "
+                              f"{', '.join(contracted)} on the `{CONTRACT}` branch removed what this image's code "
+                              f"may still use", meeting, recorded.image)
     by = f" (by image {recorded.image})" if recorded.image else ""
     return Verdict(True, f"the lineage recorded by migration-runner{by} shows {', '.join(current)} descending from "
                          f"{', '.join(heads)}", meeting, recorded.image)

@@ -1,6 +1,6 @@
-"""The only module that writes: upgrade to heads (stamping a baseline first if asked), or downgrade.
+"""The only module that writes: upgrade to the target (stamping a baseline first if asked), or downgrade.
 
-It runs the project's own env.py as `alembic upgrade heads` and `alembic downgrade`
+It runs the project's own env.py as `alembic upgrade <target>` and `alembic downgrade`
 do (a baseline is a stamp step ahead of the upgrade's, as `alembic stamp` would
 write it), and hands it nothing: env.py builds its own engine and opens its own
 transactions, so whatever it configures (driver, connect_args, version table,
@@ -24,7 +24,7 @@ from alembic.script import ScriptDirectory
 from sqlalchemy import MetaData, Table, event, text
 from sqlalchemy.engine import Engine
 
-from . import database, envpy, lineage, log, revisions
+from . import database, envpy, lineage, log, revisions, target
 from .errors import ConfigError, DatabaseUnreachable, RevisionFailed, RunnerError
 from .guard import LockLost, Watchdog, describe_blockers
 
@@ -49,16 +49,18 @@ class Progress:
 
 def upgrade(config: Config, script: ScriptDirectory, progress: Progress,
             decide: Callable[[revisions.State], str | None], *, record: lineage.Lineage | None = None,
-            expected: dict | None = None, tables_before: frozenset[int] | None = None) -> None:
-    """`alembic upgrade heads` in one run of env.py, which reads the database's state first.
+            expected: dict | None = None, tables_before: frozenset[int] | None = None,
+            goal: target.Target | None = None) -> None:
+    """`alembic upgrade <goal>` (default heads) in one run of env.py, which reads the database's state first.
 
     Before anything is written, `decide` gets the state as read on env.py's own
     connection (its driver, search_path and version table; `expected` are the
     MIGRATE_ version table variables that must agree): it raises to refuse, or
     returns a baseline revision to stamp first, in the same transaction as the
-    upgrade. A database at heads, or ahead of them (let through), gets no step.
+    upgrade. A database at or beyond the goal, or ahead of the scripts (let through), gets no step.
     Only tables among `tables_before` (there when the lock was taken) make it legacy.
     """
+    goal = goal or target.resolve(script, target.HEADS)
 
     def plan(state: revisions.State, current: tuple[str, ...], context, first_attempt: bool) -> list:
         baseline = decide(state)
@@ -68,7 +70,7 @@ def upgrade(config: Config, script: ScriptDirectory, progress: Progress,
         if state.kind in ("current", "ahead"):
             return []
         # What command.upgrade does, with each revision timed as it runs.
-        upgrades = script._upgrade_revs("heads", start)
+        upgrades = target.upgrade_steps(script, goal, start)
         for step in upgrades:
             step.migration_fn = _timed(step.migration_fn, step.revision, progress, "ran")
         if not current:
@@ -76,8 +78,8 @@ def upgrade(config: Config, script: ScriptDirectory, progress: Progress,
         stamps = script._stamp_revs(baseline, current) if baseline else []
         return [*stamps, *upgrades]
 
-    _run(config, script, progress, plan, record, {**(expected or {}), "tables_before": tables_before},
-         destination_rev="heads")
+    _run(config, script, progress, plan, record, {**(expected or {}), "tables_before": tables_before, "goal": goal},
+         destination_rev=goal.name)
 
 
 def downgrade(config: Config, script: ScriptDirectory, progress: Progress, target: str,

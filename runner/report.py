@@ -30,6 +30,7 @@ class Report:
     applied: list[str] = field(default_factory=list)
     reverted: list[str] = field(default_factory=list)
     pending: list[str] = field(default_factory=list)
+    target: str | None = None  # MIGRATE_TARGET, for the commands that answer for it
     lock_wait: float | None = None
     started: float = field(default_factory=time.monotonic)
 
@@ -44,6 +45,7 @@ class Report:
             "applied": self.applied,
             "reverted": self.reverted,
             "pending": self.pending,
+            "target": self.target,
             "lock_wait": None if self.lock_wait is None else round(self.lock_wait, 3),
             "duration": round(time.monotonic() - self.started, 3),
         }

@@ -20,7 +20,7 @@ from psycopg import sql
 from sqlalchemy import MetaData, Table, text
 from sqlalchemy.engine import URL, Connection
 
-from . import envpy, lineage
+from . import envpy, lineage, target
 from .errors import ConfigError, DatabaseAhead, LegacyDatabase, MultipleHeads
 
 logger = logging.getLogger("runner")
@@ -111,17 +111,49 @@ def load_scripts(config: Config) -> ScriptDirectory:
 
 
 def check_single_head(script: ScriptDirectory) -> tuple[str, ...]:
-    """The scripts' heads; MultipleHeads unless there is exactly one."""
+    """The scripts' heads; MultipleHeads unless there is one, or each is the one head of a branch label of its own.
+
+    Heads in distinct labelled branches are deliberate (OpenStack's `expand` and `contract`,
+    alembic's docs on branch labels): `upgrade heads` applies them all. Two heads inside one
+    branch, or a head outside every label beside another, are a fork nobody merged.
+    """
     heads = tuple(script.get_heads())
-    if len(heads) > 1:
-        described = ", ".join(
-            f"{head} (parent {_parents(script, head)}: {title(script.get_revision(head).doc)})".replace(": )", ")")
-            for head in heads)
-        ancestor = common_ancestor(script, heads) or "base"
-        raise MultipleHeads(
-            f"the scripts have {len(heads)} heads: {described}; common ancestor {ancestor}; merge them with: "
-            f"{merge_command(heads)} (or set MIGRATE_ALLOW_MULTIPLE_HEADS=true)")
-    return heads
+    if len(heads) <= 1:
+        return heads
+    labels = branch_labels(script, heads)
+    stray = [head for head in heads if not own_labels(labels, head)]
+    if not stray:
+        return heads
+    described = ", ".join(
+        f"{head} (parent {_parents(script, head)}: {title(script.get_revision(head).doc)})".replace(": )", ")")
+        for head in stray)
+    shared = sorted({label for head in stray for label in labels[head]})
+    where = (f"{len(stray)} heads in branch {', '.join(shared)}" if shared and len(stray) > 1 else
+             f"{_plural(len(stray), 'head')} outside any branch label of its own" if not shared else
+             f"head {stray[0]} shares branch {', '.join(shared)} with another head")
+    ancestor = common_ancestor(script, stray if len(stray) > 1 else heads) or "base"
+    others = [head for head in heads if head not in stray]
+    kept = f" (besides {', '.join(describe_head(labels, head) for head in others)})" if others else ""
+    raise MultipleHeads(
+        f"the scripts have {where}: {described}{kept}; common ancestor {ancestor}; merge them with: "
+        f"{merge_command(stray if len(stray) > 1 else heads)} (or give each branch a label of its own, or set "
+        f"MIGRATE_ALLOW_MULTIPLE_HEADS=true)")
+
+
+def branch_labels(script: ScriptDirectory, heads) -> dict[str, set[str]]:
+    """Each head's branch labels, as alembic carries them down a labelled branch."""
+    return {head: set(script.get_revision(head).branch_labels) for head in heads}
+
+
+def own_labels(labels: dict[str, set[str]], head: str) -> set[str]:
+    """The labels of `head` that no other head carries: the branches it alone is the head of."""
+    return labels[head] - set().union(*(found for other, found in labels.items() if other != head))
+
+
+def describe_head(labels: dict[str, set[str]], head: str) -> str:
+    """`e2 (expand)`: a head with the branch labels it alone carries."""
+    own = sorted(own_labels(labels, head))
+    return f"{head} ({', '.join(own)})" if own else head
 
 
 def title(doc: str | None) -> str:
@@ -179,18 +211,20 @@ class State:
 
 
 def database_state(config: Config, script: ScriptDirectory, *, version_table: str | None = None,
-                   version_table_schema: str | None = None, also=None) -> State:
+                   version_table_schema: str | None = None, also=None, goal: target.Target | None = None) -> State:
     """The database as env.py sees it, read by running env.py as `alembic current` does (dont_mutate).
 
     env.py's own engine, driver, search_path and version table options decide where
     the version table is. `version_table`/`version_table_schema`, when given (the
     MIGRATE_ variables were set), must agree with env.py. `also(context, state)`, if
-    given, reads more on env.py's MigrationContext in the same run (`verify`).
+    given, reads more on env.py's MigrationContext in the same run (`verify`). `goal` is the
+    upgrade target pending and current are judged against (default heads).
     """
     found: list[State] = []
 
     def read(heads, context) -> list:
-        found.append(observe(context, script, version_table=version_table, version_table_schema=version_table_schema))
+        found.append(observe(context, script, version_table=version_table, version_table_schema=version_table_schema,
+                             goal=goal))
         if also is not None:
             also(context, found[-1])
         return []
@@ -205,14 +239,15 @@ def database_state(config: Config, script: ScriptDirectory, *, version_table: st
 
 
 def observe(context, script: ScriptDirectory, *, version_table: str | None = None,
-            version_table_schema: str | None = None, tables_before: frozenset[int] | None = None) -> State:
+            version_table_schema: str | None = None, tables_before: frozenset[int] | None = None,
+            goal: target.Target | None = None) -> State:
     """The state as env.py's MigrationContext sees it, on env.py's own connection and version table.
 
     `tables_before` (the tables there were when the lock was taken, `existing_tables`) keeps
     tables env.py's own code made in this run from making the database legacy.
     """
     state = state_of(context.connection, script, version_table=context.version_table,
-                     schema=context.version_table_schema, tables_before=tables_before)
+                     schema=context.version_table_schema, tables_before=tables_before, goal=goal)
     for variable, wanted, actual in (("MIGRATE_VERSION_TABLE", version_table, state.table),
                                      ("MIGRATE_VERSION_TABLE_SCHEMA", version_table_schema, state.schema)):
         if wanted is not None and wanted != actual:
@@ -222,10 +257,12 @@ def observe(context, script: ScriptDirectory, *, version_table: str | None = Non
 
 
 def state_of(connection: Connection, script: ScriptDirectory, *, version_table: str = "alembic_version",
-             schema: str | None = None, tables_before: frozenset[int] | None = None) -> State:
+             schema: str | None = None, tables_before: frozenset[int] | None = None,
+             goal: target.Target | None = None) -> State:
     """Classify the database against the scripts, reading the version table on `connection`.
 
-    With `tables_before`, only tables among them count towards a legacy database.
+    With `tables_before`, only tables among them count towards a legacy database. Pending and
+    current are judged against `goal` (default heads): at or beyond it is current.
     """
     schema = schema or _schema_alembic_reads(connection, version_table)
     current = current_heads(connection, version_table=version_table, schema=schema)
@@ -241,12 +278,12 @@ def state_of(connection: Connection, script: ScriptDirectory, *, version_table: 
         if tables:
             _refuse_version_table_elsewhere(connection, script, version_table, schema)
             return State(kind="legacy", tables=sorted(tables), **where)
-        return State(kind="fresh", pending=pending_revisions(script, ()), **where)
+        return State(kind="fresh", pending=pending_revisions(script, (), goal), **where)
     unknown = tuple(rev for rev in current if not _known(script, rev))
     if unknown:
         recorded = lineage.decode(version_table_comment(connection, version_table=version_table, schema=schema))
         return State(kind="ahead", current=current, unknown=unknown, lineage=recorded, **where)
-    pending = pending_revisions(script, current)
+    pending = pending_revisions(script, current, goal)
     return State(kind="pending" if pending else "current", current=current, pending=pending, **where)
 
 
@@ -417,10 +454,9 @@ def _known(script: ScriptDirectory, revision: str) -> bool:
         return False
 
 
-def pending_revisions(script: ScriptDirectory, current: tuple[str, ...]) -> list:
-    """Scripts `upgrade heads` would apply from `current`, in the order it applies them."""
-    steps = script._upgrade_revs("heads", current)
-    return [step.revision for step in steps]
+def pending_revisions(script: ScriptDirectory, current: tuple[str, ...], goal: target.Target | None = None) -> list:
+    """Scripts `upgrade <goal>` (default heads) would apply from `current`, in the order it applies them."""
+    return target.pending(script, goal or target.resolve(script, target.HEADS), current)
 
 
 def refuse_legacy(state: State, baseline: str | None, script: ScriptDirectory) -> str | None:

@@ -100,11 +100,20 @@ class Settings(BaseSettings):
                     "(the role needs CREATEDB).")
     allow_multiple_heads: bool = Field(
         False, alias="MIGRATE_ALLOW_MULTIPLE_HEADS",
-        description="Upgrade every head instead of refusing scripts with several heads.")
+        description="Upgrade every head instead of refusing scripts with several heads in one branch (heads that "
+                    "are each the one head of a branch label of their own, such as `expand` and `contract`, need "
+                    "no setting).")
+    target: str = Field(
+        "heads", min_length=1, alias="MIGRATE_TARGET",
+        description="What `upgrade` brings the database to, and what `check` and `wait` answer for: `heads`, "
+                    "`<branch label>@head` (`expand@head` before a rolling deploy, `heads` after it), a revision id "
+                    "or `<branch label>@<revision>`; a database at or beyond it is left as it is. One the scripts "
+                    "do not have is exit 2.")
     allow_ahead: Literal["descendants", "always", "never"] = Field(
         "descendants", alias="MIGRATE_ALLOW_AHEAD",
         description="A database at revisions the scripts do not know (an older image after a rollback): `descendants` "
-                    "exits 0 when the lineage the runner records proves they descend from the scripts' heads, "
+                    "exits 0 when the lineage the runner records proves they descend from the scripts' heads and "
+                    "none is on a branch labelled `contract`, "
                     "`always` exits 0 regardless, `never` exits 8.")
     image: str | None = Field(
         None, alias="MIGRATE_IMAGE",
