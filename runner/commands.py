@@ -569,7 +569,7 @@ def _judge(state: revisions.State, report: Report, script: ScriptDirectory, sett
     if state.kind == "legacy":
         raise PendingRevisions(f"the database has {_count(len(state.tables), 'table')} but no version table: "
                                f"`upgrade` needs MIGRATE_BASELINE_REVISION")
-    described = ", ".join(f"{r.revision} ({revisions.title(r.doc)})" for r in pending)
+    described = ", ".join(f"{r.revision} ({revisions.title(r.doc)})".replace(" ()", "") for r in pending)
     aim = "" if goal is None or goal.is_heads else f" for {goal}"
     raise PendingRevisions(f"{_count(len(pending), 'revision')} pending{aim} at {_names(state.current)}: {described}")
 

@@ -492,7 +492,7 @@ def ahead(state: State, script: ScriptDirectory, allow: str) -> lineage.Verdict:
         f"the database is at {', '.join(state.current)}, and these scripts (head {heads}) do not know "
         f"{', '.join(state.unknown)}; {why}. To run this image, first bring the schema back with {command} run from "
         f"{image}; or deploy that image again"
-        f"{'; MIGRATE_ALLOW_AHEAD=always accepts it unproven' if allow == 'descendants' else ''}")
+        f"{'; MIGRATE_ALLOW_AHEAD=always accepts it regardless' if allow == 'descendants' else ''}")
 
 
 def describe_ahead(state: State, script: ScriptDirectory, verdict: lineage.Verdict, allow: str) -> str:
