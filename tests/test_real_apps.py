@@ -22,6 +22,11 @@ application does something an `alembic init` or `flask db init` template does no
   at creation); `Migrate(directory=...)` is the installed package's absolute migrations directory;
   env.py migrates on an AUTOCOMMIT connection, and many revisions swallow their own errors.
   Reference: `pi-manage db upgrade` (what `privacyidea-schema-upgrade` runs).
+- OpenStack Keystone 30.0.0 (#23): Alembic branches labelled `expand` and `contract`, one directory
+  per release and branch, which `keystone-manage` passes as `version_locations` in code; its revisions
+  read Keystone's oslo.config options, registered by an env.py that then runs Keystone's own. The runner
+  with MIGRATE_TARGET=expand@head, then heads. Reference: `keystone-manage db_sync --expand`, then
+  `--contract`, each compared.
 
 Compared: `pg_dump --schema-only` and the version rows (tests/fidelity.py), the runner's output (JSON
 lines ending with its summary, no password) and its summary (`applied` is what it committed). Run
@@ -33,6 +38,7 @@ from __future__ import annotations
 import difflib
 import json
 import re
+import shutil
 import uuid
 from pathlib import Path
 from urllib.parse import quote
@@ -280,3 +286,124 @@ def test_ihatemoney_six_runners_at_once_run_each_revision_once_and_say_so(postgr
     assert sum(summary(r)["outcome"] == "upgraded" for r in results) == 1, [summary(r) for r in results]
     assert version_table_rows(postgres, database) == {"public.alembic_version": [history[-1]]}
     assert advisory_locks(postgres, database) == []
+
+
+# -- OpenStack Keystone 30.0.0 (expand and contract, #23) ------------------------------------------
+# psycopg2 for `keystone-manage`, whose oslo.db engine takes `[database] connection` as given; the runner's
+# env.py gets `postgresql://` (psycopg 3 under SQLAlchemy 2, which Keystone resolves).
+KEYSTONE = App("keystone-30.0.0", ("keystone==30.0.0", "psycopg2-binary>=2.9"))
+# A role of its own for keystone-manage: oslo.config reads `[database] connection` from keystone.conf, where
+# the runner role's password (every character URLs and ini files trip on) would need its own escaping.
+KEYSTONE_ROLE, KEYSTONE_PASSWORD = "keystone", "keystone-secret-pw"
+
+# Keystone's revisions read its configuration (`CONF.saml.relay_state_prefix` in the initial one), which
+# `keystone-manage` registers before it runs alembic: this env.py does the same, then runs Keystone's
+# own env.py unchanged. What an image that runs the runner for Keystone would ship.
+KEYSTONE_ENV = '''
+"""Keystone's configuration registered as keystone-manage registers it, then Keystone's own env.py."""
+import runpy
+
+import keystone.conf
+from keystone.common import sql
+from keystone.common.sql import upgrades
+
+if not getattr(keystone.conf, "_registered_for_alembic", False):
+    keystone.conf.configure()
+    sql.initialize()
+    # No configuration file: Keystone's defaults, as `keystone-manage` without one (the revisions only
+    # read options such as [saml]; the URL is alembic's sqlalchemy.url).
+    keystone.conf.CONF(args=[], project="keystone", default_config_files=[])
+    keystone.conf._registered_for_alembic = True
+runpy.run_path(upgrades.os.path.join(upgrades.os.path.dirname(upgrades.VERSIONS_PATH), "env.py"))
+'''
+
+# `version_locations` as keystone.common.sql.upgrades._find_alembic_conf sets it in code (the shipped
+# alembic.ini has none, so alembic alone would find only the initial revision).
+KEYSTONE_LOCATIONS = ("import os\nfrom keystone.common.sql import upgrades as u\n"
+                      "print(os.pathsep.join([u.VERSIONS_PATH] + [os.path.join(u.VERSIONS_PATH, r, b)\n"
+                      "    for r in u.RELEASES for b in u.MIGRATION_BRANCHES]))")
+
+
+def keystone_project(venv: AppVenv, root: Path) -> Path:
+    """An alembic.ini for the runner: Keystone's shipped one, its script location this directory (the env.py
+    above, Keystone's script.py.mako), and Keystone's version locations."""
+    sql_dir = venv.site_packages / "keystone" / "common" / "sql"
+    root.mkdir()
+    (root / "env.py").write_text(KEYSTONE_ENV)
+    shutil.copy(sql_dir / "migrations" / "script.py.mako", root / "script.py.mako")
+    done = venv.run([str(venv.python), "-c", KEYSTONE_LOCATIONS], venv.env(), timeout=120)
+    assert done.returncode == 0, done
+    shipped = (sql_dir / "alembic.ini").read_text()
+    assert shipped.count("script_location = %(here)s/migrations") == 1, shipped
+    text = shipped.replace("script_location = %(here)s/migrations",
+                           f"script_location = {root}\nversion_locations = {done.stdout.strip()}")
+    ini = root / "alembic.ini"
+    ini.write_text(text)
+    return ini
+
+
+def test_keystone_expand_then_contract_like_keystone_manage_db_sync(postgres, tmp_path):
+    """Keystone's own scripts (branches labelled `expand` and `contract`, one directory per release): the runner
+    with MIGRATE_TARGET=expand@head then heads on one twin, `keystone-manage db_sync --expand` then `--contract`
+    on the other; schema and version rows equal after each step. Between the two, `check` and `wait` for
+    expand@head exit 0 while the contract branch is pending, and `heads` lists both heads with their labels."""
+    venv = app_venv(KEYSTONE)
+    ini = keystone_project(venv, tmp_path / "keystone")
+    twins = Twins.create(postgres)
+    postgres.create_role(KEYSTONE_ROLE, KEYSTONE_PASSWORD)
+    postgres.execute(f"ALTER DATABASE {twins.plain} OWNER TO {KEYSTONE_ROLE}")
+    conf = tmp_path / "keystone.conf"
+    plain_url = postgres.url(twins.plain, KEYSTONE_ROLE, KEYSTONE_PASSWORD)
+    conf.write_text(f"[database]\nconnection = {with_scheme(plain_url, 'postgresql+psycopg2')}\n")
+
+    def db_sync(step: str) -> None:
+        done = venv.run([venv.script("keystone-manage"), "--config-file", str(conf), "db_sync", step], venv.env())
+        assert done.returncode == 0, done
+
+    expand_env = runner_settings(venv, twins.url("runner"), ALEMBIC_CONFIG=str(ini), MIGRATE_TARGET="expand@head")
+    heads_env = runner_settings(venv, twins.url("runner"), ALEMBIC_CONFIG=str(ini))
+
+    heads = venv.runner(heads_env, "heads", cwd=tmp_path)
+    assert heads.returncode == 0, summary(heads)
+    assert summary(heads)["outcome"] == "one head per branch", summary(heads)
+    labelled = dict(re.findall(r"(\w+) \((expand|contract)\)", summary(heads)["event"]))
+    assert sorted(labelled.values()) == ["contract", "expand"], summary(heads)
+    expand_head = next(rev for rev, label in labelled.items() if label == "expand")
+    contract_head = next(rev for rev, label in labelled.items() if label == "contract")
+
+    pending = venv.runner(expand_env, "check", cwd=tmp_path)
+    assert pending.returncode == 9, summary(pending)
+    expand_revisions = summary(pending)["pending"]
+    assert expand_revisions[-1] == expand_head and contract_head not in expand_revisions, expand_revisions
+
+    db_sync("--expand")
+    expand = venv.runner(expand_env, cwd=tmp_path)
+    assert expand.returncode == 0, summary(expand)
+    assert summary(expand)["applied"] == expand_revisions, summary(expand)
+    assert summary(expand)["target"] == "expand@head"
+    assert_clean(expand)
+    assert_same(twins)
+    at_expand = version_table_rows(postgres, twins.runner)["public.alembic_version"]
+    assert expand_head in at_expand and contract_head not in at_expand, at_expand
+
+    for command in ("check", "wait"):
+        ready = venv.runner(expand_env, command, cwd=tmp_path)
+        assert ready.returncode == 0, summary(ready)
+        assert summary(ready)["outcome"] == "current", summary(ready)
+        assert_clean(ready)
+    contract_pending = venv.runner(heads_env, "check", cwd=tmp_path)
+    assert contract_pending.returncode == 9, summary(contract_pending)
+    assert summary(contract_pending)["pending"][-1] == contract_head, summary(contract_pending)
+
+    db_sync("--contract")
+    contract = venv.runner(heads_env, cwd=tmp_path)
+    assert contract.returncode == 0, summary(contract)
+    assert summary(contract)["applied"] == summary(contract_pending)["pending"], summary(contract)
+    assert_clean(contract)
+    assert_same(twins)
+    assert sorted(version_table_rows(postgres, twins.runner)["public.alembic_version"]) == sorted(
+        [expand_head, contract_head])
+    assert advisory_locks(postgres, twins.runner) == []
+
+    again = venv.runner(heads_env, cwd=tmp_path)
+    assert again.returncode == 0 and summary(again)["outcome"] == "current", summary(again)
