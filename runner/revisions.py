@@ -129,7 +129,8 @@ def check_single_head(script: ScriptDirectory) -> tuple[str, ...]:
         for head in stray)
     shared = sorted({label for head in stray for label in labels[head]})
     where = (f"{len(stray)} heads in branch {', '.join(shared)}" if shared and len(stray) > 1 else
-             f"{_plural(len(stray), 'head')} outside any branch label of its own" if not shared else
+             f"{_plural(len(stray), 'head')} outside any branch label of {'its' if len(stray) == 1 else 'their'} own"
+             if not shared else
              f"head {stray[0]} shares branch {', '.join(shared)} with another head")
     ancestor = common_ancestor(script, stray if len(stray) > 1 else heads) or "base"
     others = [head for head in heads if head not in stray]

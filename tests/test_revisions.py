@@ -1,3 +1,5 @@
+import re
+
 import psycopg
 import pytest
 from sqlalchemy import create_engine
@@ -138,3 +140,49 @@ def test_applied_between_lists_only_what_lies_between(tmp_path):
     assert applied_between(script, ("r0002",), ("r0004",)) == ["r0003", "r0004"]
     assert applied_between(script, ("r0002",), ("r0002",)) == []
     assert applied_between(script, ("unknown",), ("r0002",)) == []
+
+
+def labelled(tmp_path, extra=()):
+    """The expand/contract layout: a trunk, `expand` and `contract` branches, each contract revision depending on
+    its expand revision (OpenStack's layout)."""
+    revs = [Rev("a1", None), Rev("e1", "a1"), Rev("e2", "e1"), Rev("c1", "a1"), Rev("c2", "c1"), *extra]
+    config, script = scripts(tmp_path, revs)
+    versions = tmp_path / "p" / "migrations" / "versions"
+    for rev, label, depends in (("e1", "expand", None), ("c1", "contract", "e1"), ("c2", None, "e2")):
+        path = versions / f"{rev}.py"
+        text = path.read_text()
+        if label:
+            text = text.replace("branch_labels = None", f"branch_labels = ({label!r},)")
+        if depends:
+            text = text.replace("depends_on = None", f"depends_on = {depends!r}")
+        path.write_text(text)
+    return load_scripts(config)
+
+
+def test_one_head_per_labelled_branch_passes_and_a_fork_inside_a_branch_does_not(tmp_path):
+    script = labelled(tmp_path)
+    assert sorted(check_single_head(script)) == ["c2", "e2"]
+    forked = labelled(tmp_path / "f", [Rev("e3", "e2"), Rev("e4", "e2")])
+    with pytest.raises(MultipleHeads, match="2 heads in branch expand: e3 .*besides c2 \\(contract\\)"):
+        check_single_head(forked)
+    stray = labelled(tmp_path / "s", [Rev("x1", "a1")])
+    with pytest.raises(MultipleHeads, match="1 head outside any branch label of its own: x1"):
+        check_single_head(stray)
+
+
+def test_targets_resolve_and_judge_what_is_pending_and_reached(tmp_path):
+    from runner import target
+
+    script = labelled(tmp_path)
+    expand = target.resolve(script, "expand@head")
+    assert (expand.revisions, str(expand)) == (("e2",), "expand@head (e2)")
+    assert [r.revision for r in target.pending(script, expand, ())] == ["a1", "e1", "e2"]
+    assert [r.revision for r in target.pending(script, expand, ("c1",))] == ["e2"]
+    # A contract revision depending on e2 stands for it: at or beyond the target, nothing pending.
+    assert target.reached(script, expand, ("c2",)) and target.pending(script, expand, ("c2",)) == []
+    heads = target.resolve(script, "heads")
+    assert not target.reached(script, heads, ("c1", "e2")) and target.reached(script, heads, ("c2",))
+    assert target.resolve(script, "contract@c1").revisions == ("c1",)
+    for bad in ("nosuch@head", "zz", "head", "base", "+1", "expand@-1", "e1:e2"):
+        with pytest.raises(ConfigError, match=re.escape(f"MIGRATE_TARGET={bad!r}")):
+            target.resolve(script, bad)
