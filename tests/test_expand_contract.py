@@ -148,6 +148,9 @@ def test_check_and_wait_answer_for_the_target(database_url, releases):
     assert "pending for expand@head (e2)" in before.last["event"]
     plan = run_runner(expand_env, "plan")
     assert plan.returncode == 0 and plan.last["pending"] == ["e2"] and plan.last["to_revision"] == ["e2"], plan
+    sql = run_runner(expand_env, "plan", "--sql")
+    assert sql.returncode == 0, sql
+    assert "ADD COLUMN display_name" in sql.stdout and "DROP COLUMN name" not in sql.stdout, sql.stdout
 
     waiting = start_runner(expand_env, "wait")
     time.sleep(3)
