@@ -34,6 +34,7 @@ import difflib
 import json
 import re
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from urllib.parse import quote
 
@@ -317,14 +318,21 @@ def test_privacyidea_on_sqlalchemy_1_4_3_11_database_like_pi_manage_db_upgrade(p
     while the application is created; the migrations run on an AUTOCOMMIT connection, from the absolute
     `Migrate(directory=...)` of the installed package."""
     venv = app_venv(PRIVACYIDEA)
+    # The point of this test (#22): the runner under the SQLAlchemy the application's pins resolve.
+    version = venv.run([str(venv.python), "-c", "import sqlalchemy; print(sqlalchemy.__version__)"], venv.env())
+    assert version.stdout.startswith("1.4."), version
     twins = Twins.create(postgres)
     envs = {which: privacyidea_env(venv, tmp_path / f"pi-{which}", with_scheme(twins.url(which), "postgresql+psycopg2"))
             for which in ("plain", "runner")}
     pi_manage = venv.script("pi-manage")
-    for which, env in envs.items():
-        for args in (("setup", "create_tables"), ("db", "downgrade", PRIVACYIDEA_3_11)):
-            done = venv.run([pi_manage, *args], env, cwd=tmp_path)
-            assert done.returncode == 0, (args, done)
+
+    def made_at_3_11(env: dict) -> list[Result]:
+        return [venv.run([pi_manage, *args], env, cwd=tmp_path)
+                for args in (("setup", "create_tables"), ("db", "downgrade", PRIVACYIDEA_3_11))]
+
+    with ThreadPoolExecutor(2) as pool:  # both twins at once: each step is mostly privacyIDEA's import
+        for done in (r for twin in pool.map(made_at_3_11, envs.values()) for r in twin):
+            assert done.returncode == 0, done
     assert version_table_rows(postgres, twins.runner) == {"public.alembic_version": [PRIVACYIDEA_3_11]}
     assert_same(twins)
     migrations = venv.site_packages / "privacyidea" / "migrations"
