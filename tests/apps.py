@@ -131,13 +131,16 @@ def app_venv(app: App) -> AppVenv:
         shutil.rmtree(path, ignore_errors=True)  # a stale or half-built one: never install over it
         venv.create(path, with_pip=True)
         proc = subprocess.run(
-            [str(path / "bin" / "python"), "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
-             *app.requirements, "-e", str(ROOT)],
+            # Not --quiet: on a conflict pip's "The conflict is caused by" lines are the finding.
+            [str(path / "bin" / "python"), "-m", "pip", "install", "--disable-pip-version-check", "--no-color",
+             "--progress-bar", "off", *app.requirements, "-e", str(ROOT)],
             capture_output=True, text=True, timeout=1800)
         if proc.returncode:
+            output = _pip_output(proc.stdout + proc.stderr)
+            cause = output[output.find("The conflict is caused by"):] if "The conflict is caused by" in output else output
             raise AppInstallError(
                 f"{app.name}: `pip install {' '.join(app.requirements)} -e <runner>` failed "
-                f"({proc.returncode}):\n{_pip_output(proc.stdout + proc.stderr)[-4000:]}")
+                f"({proc.returncode}):\n{cause[-4000:]}")
         seconds = time.monotonic() - started
         (path / ".build-seconds").write_text(json.dumps({"seconds": round(seconds, 1)}))
         stamp.write_text(wanted)

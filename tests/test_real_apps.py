@@ -40,6 +40,7 @@ import json
 import re
 import shutil
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from urllib.parse import quote
 
@@ -153,9 +154,11 @@ def test_airflow_3_2_database_to_3_3_2_like_airflow_db_migrate(postgres, tmp_pat
     assert ini.is_file(), ini
     twins = Twins.create(postgres)
     envs = {which: airflow_env(venv, tmp_path / f"airflow-{which}", twins.url(which)) for which in ("plain", "runner")}
-    for which, env in envs.items():
-        done = venv.run([venv.script("airflow"), "db", "migrate", "--to-version", "3.2.0"], env)
-        assert done.returncode == 0, done
+    # Both twins at once (each is its own database): seconds off a test that is mostly interpreter start-ups.
+    setups = [venv.start([venv.script("airflow"), "db", "migrate", "--to-version", "3.2.0"], env) for env in envs.values()]
+    for proc in setups:
+        out, _ = proc.communicate(timeout=300)
+        assert proc.returncode == 0, out[-3000:]
     assert version_table_rows(postgres, twins.runner) == {"public.alembic_version": [AIRFLOW_3_2_0]}
     assert_same(twins)
     pending = revisions_between(venv, ini.parent / "migrations", AIRFLOW_3_2_0, envs["runner"])
@@ -286,6 +289,82 @@ def test_ihatemoney_six_runners_at_once_run_each_revision_once_and_say_so(postgr
     assert sum(summary(r)["outcome"] == "upgraded" for r in results) == 1, [summary(r) for r in results]
     assert version_table_rows(postgres, database) == {"public.alembic_version": [history[-1]]}
     assert advisory_locks(postgres, database) == []
+
+
+# -- privacyIDEA 3.12.3 (#22: SQLAlchemy 1.4) ------------------------------------------------------
+# privacyIDEA pins SQLAlchemy<2.0: its virtualenv resolves SQLAlchemy 1.4 and Flask-SQLAlchemy 3.0.
+# psycopg2 is the PostgreSQL driver its docs install.
+PRIVACYIDEA = App("privacyidea-3.12.3", ("privacyidea==3.12.3", "psycopg2-binary>=2.9"))
+PRIVACYIDEA_3_11 = "903a6ed6f6c4"  # the last revision whose docstring says "v3.11"; the five after it are 3.12's
+
+
+def privacyidea_env(venv: AppVenv, home: Path, url: str) -> dict:
+    """privacyIDEA's own configuration, generated: pi.cfg (PRIVACYIDEA_CONFIGFILE, as pi-manage and the WSGI
+    script read it) with the database, the secrets and the encryption key file it requires, and a fixed
+    node UUID so that creating the application writes no /etc/privacyidea/uuid.txt."""
+    home.mkdir(exist_ok=True)
+    (home / "enckey").write_bytes(bytes(range(96)))  # 96 bytes, as `pi-manage setup create_enckey` writes
+    config = home / "pi.cfg"
+    config.write_text(f"SQLALCHEMY_DATABASE_URI = {url!r}\n"
+                      "SECRET_KEY = 'not-the-default-secret-key'\n"
+                      "PI_PEPPER = 'not-the-default-pepper'\n"
+                      f"PI_ENCFILE = {str(home / 'enckey')!r}\n"
+                      f"PI_LOGFILE = {str(home / 'privacyidea.log')!r}\n"
+                      "PI_NODE = 'node-one'\n"
+                      "PI_NODE_UUID = '0d7c3a34-7a06-4d1f-9b5e-2f0d2b8e6c11'\n")
+    return venv.env(PRIVACYIDEA_CONFIGFILE=str(config))
+
+
+def test_privacyidea_on_sqlalchemy_1_4_3_11_database_like_pi_manage_db_upgrade(postgres, tmp_path):
+    """privacyIDEA installed with its own pins (SQLAlchemy 1.4) and the runner beside it (#22). Both twins are
+    made as privacyIDEA makes a database, `pi-manage setup create_tables` (create_all, stamped at the head:
+    its history does not run from an empty database), then taken back to 3.11 with `pi-manage db downgrade`.
+    Then `pi-manage db upgrade` (what `privacyidea-schema-upgrade` runs) on one twin and the runner with
+    FLASK_APP naming pi-manage's factory on the other. `create_app()` upserts the node's row in `nodename`
+    while the application is created; the migrations run on an AUTOCOMMIT connection, from the absolute
+    `Migrate(directory=...)` of the installed package."""
+    venv = app_venv(PRIVACYIDEA)
+    # The point of this test (#22): the runner under the SQLAlchemy the application's pins resolve.
+    version = venv.run([str(venv.python), "-c", "import sqlalchemy; print(sqlalchemy.__version__)"], venv.env())
+    assert version.stdout.startswith("1.4."), version
+    twins = Twins.create(postgres)
+    envs = {which: privacyidea_env(venv, tmp_path / f"pi-{which}", with_scheme(twins.url(which), "postgresql+psycopg2"))
+            for which in ("plain", "runner")}
+    pi_manage = venv.script("pi-manage")
+
+    def made_at_3_11(env: dict) -> list[Result]:
+        return [venv.run([pi_manage, *args], env, cwd=tmp_path)
+                for args in (("setup", "create_tables"), ("db", "downgrade", PRIVACYIDEA_3_11))]
+
+    with ThreadPoolExecutor(2) as pool:  # both twins at once: each step is mostly privacyIDEA's import
+        for done in (r for twin in pool.map(made_at_3_11, envs.values()) for r in twin):
+            assert done.returncode == 0, done
+    assert version_table_rows(postgres, twins.runner) == {"public.alembic_version": [PRIVACYIDEA_3_11]}
+    assert_same(twins)
+    migrations = venv.site_packages / "privacyidea" / "migrations"
+    pending = revisions_between(venv, migrations, PRIVACYIDEA_3_11, envs["plain"])
+    assert len(pending) == 5, pending
+
+    plain = venv.run([pi_manage, "db", "upgrade"], envs["plain"], cwd=tmp_path)
+    assert plain.returncode == 0, plain
+    assert version_table_rows(postgres, twins.plain) == {"public.alembic_version": [pending[-1]]}
+
+    env = runner_settings(venv, twins.url("runner"), FLASK_APP="privacyidea.cli:create_silent_app",
+                          PRIVACYIDEA_CONFIGFILE=envs["runner"]["PRIVACYIDEA_CONFIGFILE"])
+    result = venv.runner(env, cwd=tmp_path)
+    assert result.returncode == 0, summary(result)
+    assert summary(result)["outcome"] == "upgraded" and summary(result)["applied"] == pending, summary(result)
+    assert_clean(result)
+    assert_same(twins)
+    assert advisory_locks(postgres, twins.runner) == []
+    with postgres.connect(twins.runner) as conn:  # the application was created: its node row is there
+        assert conn.execute("SELECT name FROM nodename").fetchall() == [("node-one",)]
+
+    again = venv.runner(env, cwd=tmp_path)
+    assert again.returncode == 0, summary(again)
+    assert summary(again)["outcome"] == "current" and summary(again)["applied"] == [], summary(again)
+    assert_clean(again)
+    assert_same(twins)
 
 
 # -- OpenStack Keystone 30.0.0 (expand and contract, #23) ------------------------------------------
