@@ -32,9 +32,24 @@ EXAMPLE = ROOT / "examples" / "basic"
 EXIT_CODES_FILE = CHART / "files" / "exit-codes.json"
 # The newest Kubernetes release whose schemas kubernetes-validate ships.
 KUBE_VERSION = kubernetes_validate.latest_version()
-# Every rendered object is validated (strict) against each of these: native sidecars are on by default from 1.29.
-KUBE_VERSIONS = sorted({"1.29.0", "1.31.0", "1.33.0", "1.35.0", KUBE_VERSION},
-                       key=lambda v: tuple(int(p) for p in v.split(".")))
+
+
+def kube_floor() -> str:
+    """The oldest Kubernetes release the chart claims: Chart.yaml's kubeVersion, ">=X.Y.Z-0"."""
+    constraint = yaml.safe_load((CHART / "Chart.yaml").read_text())["kubeVersion"]
+    match = re.fullmatch(r">=\s*v?(\d+)\.(\d+)\.(\d+)(-0)?", constraint.strip())
+    assert match, f"kubeVersion {constraint!r} is not a plain floor"
+    return ".".join(match.group(1, 2, 3))
+
+
+def kube_key(version: str) -> tuple[int, ...]:
+    return tuple(int(p) for p in version.split("."))
+
+
+KUBE_FLOOR = kube_floor()
+# Every rendered object is validated (strict) against each of these, from the floor the chart claims (native
+# sidecars are on by default from 1.29) to the newest.
+KUBE_VERSIONS = sorted({KUBE_FLOOR, "1.31.0", "1.33.0", "1.35.0", KUBE_VERSION}, key=kube_key)
 # What Kubernetes requires of the names of Jobs, Pods, Services... and of label values: an RFC 1123 label.
 RFC1123_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
 URL = "postgresql://app:s3cret@db.example.internal:5432/app"
@@ -93,12 +108,29 @@ def kinds(docs: list[dict]) -> list[str]:
     return sorted(d["kind"] for d in docs)
 
 
-def pod_spec(docs: list[dict]) -> dict:
-    return only(docs, "Job")["spec"]["template"]["spec"]
+def component(doc: dict) -> str:
+    return doc["metadata"]["labels"]["app.kubernetes.io/component"]
 
 
-def container(docs: list[dict]) -> dict:
-    (c,) = [c for c in pod_spec(docs)["containers"] if c["name"] == CONTAINER]
+def pre_job(docs: list[dict]) -> dict:
+    """The migration Job (the post Job, postUpgrade.enabled, aside)."""
+    jobs = [d for d in docs if d["kind"] == "Job" and component(d) == "migration"]
+    assert len(jobs) == 1, [(d["kind"], d["metadata"]["name"]) for d in docs]
+    return jobs[0]
+
+
+def post_job(docs: list[dict]) -> dict:
+    jobs = [d for d in docs if d["kind"] == "Job" and component(d) == "post-migration"]
+    assert len(jobs) == 1, [(d["kind"], d["metadata"]["name"]) for d in docs]
+    return jobs[0]
+
+
+def pod_spec(docs: list[dict], job: dict | None = None) -> dict:
+    return (job or pre_job(docs))["spec"]["template"]["spec"]
+
+
+def container(docs: list[dict], job: dict | None = None) -> dict:
+    (c,) = [c for c in pod_spec(docs, job)["containers"] if c["name"] == CONTAINER]
     return c
 
 
@@ -218,7 +250,7 @@ def test_lint_is_clean():
         assert lint_problems(CHART, deep_merge(BASE, COMBINATIONS[name])) == [], name
     assert lint_problems(PARENT, with_subcharts=True) == []
     # The oldest Kubernetes the chart claims (kubeVersion) and the newest.
-    for version in ("v1.26.0", "v" + KUBE_VERSION):
+    for version in ("v" + KUBE_FLOOR, "v" + KUBE_VERSION):
         assert lint_problems(CHART, BASE, kube_version=version) == [], version
 
 
@@ -256,7 +288,8 @@ def test_hook_mode_runs_the_job_as_a_pre_install_pre_upgrade_hook_after_its_secr
     assert kinds(docs) == ["Job", "Secret", "Secret", "ServiceAccount"]
     job = only(docs, "Job")
     assert annotations(job) == {"helm.sh/hook": "pre-install,pre-upgrade", "helm.sh/hook-weight": "5",
-                                "helm.sh/hook-delete-policy": "before-hook-creation,hook-succeeded"}
+                                "helm.sh/hook-delete-policy": "before-hook-creation,hook-succeeded",
+                                "helm.sh/hook-output-log-policy": "hook-failed"}
     assert job["metadata"]["name"] == "shop-migration-runner"
     assert "ttlSecondsAfterFinished" not in job["spec"]
     # A pre-install hook runs before ordinary resources exist: what the Job needs is a hook with a lower weight.
@@ -386,7 +419,7 @@ def test_job_spec_and_restricted_security_context():
     labels = job["metadata"]["labels"]
     assert labels["app.kubernetes.io/instance"] == "shop"
     assert labels["app.kubernetes.io/managed-by"] == "Helm"
-    assert labels["helm.sh/chart"] == "migration-runner-0.2.0"
+    assert labels["helm.sh/chart"] == "migration-runner-0.3.0"
 
 
 def test_istio_sidecar_is_kept_out_by_default():
@@ -498,7 +531,8 @@ def test_every_runner_variable_is_settable_from_values():
 
 def test_unset_settings_leave_the_runner_defaults():
     env = env_of(container(render()))
-    assert set(env) == {"DATABASE_URL_FILE", "MIGRATE_IMAGE", "MIGRATE_LOG_FORMAT", "MIGRATE_LOG_LEVEL"}
+    assert set(env) == {"DATABASE_URL_FILE", "MIGRATE_IMAGE", "MIGRATE_LOG_FORMAT", "MIGRATE_LOG_LEVEL", "MIGRATE_TARGET"}
+    assert env["MIGRATE_TARGET"] == "heads"
     assert "ALEMBIC_CONFIG" not in env  # the image's own ALEMBIC_CONFIG applies
 
 
@@ -639,12 +673,12 @@ def dockerfile_facts() -> dict:
     return {"entrypoint": entrypoint, "workdir": workdir, "alembic_config": alembic_config}
 
 
-def materialize(docs: list[dict], root: Path) -> dict[str, Path]:
+def materialize(docs: list[dict], root: Path, job: dict | None = None) -> dict[str, Path]:
     """Write every volume the Job's container mounts under root; return mountPath -> local dir."""
     by_name = {(d["kind"], d["metadata"]["name"]): d for d in docs}
-    volumes = {v["name"]: v for v in pod_spec(docs)["volumes"]}
+    volumes = {v["name"]: v for v in pod_spec(docs, job)["volumes"]}
     paths = {}
-    for mount in container(docs)["volumeMounts"]:
+    for mount in container(docs, job)["volumeMounts"]:
         volume = volumes[mount["name"]]
         local = root / mount["mountPath"].strip("/")
         local.mkdir(parents=True, exist_ok=True)
@@ -671,11 +705,12 @@ def remap(value: str, paths: dict[str, Path]) -> str:
     return value
 
 
-def run_rendered_job(docs: list[dict], root: Path, image_dirs: dict[str, Path]):
-    """Run the rendered container the way the kubelet would, with the console script as the image."""
+def run_rendered_job(docs: list[dict], root: Path, image_dirs: dict[str, Path], job: dict | None = None):
+    """Run the rendered container (the migration Job's, or job's) the way the kubelet would, with the console
+    script as the image."""
     image = dockerfile_facts()
-    c = container(docs)
-    paths = materialize(docs, root) | {k.rstrip("/"): v for k, v in image_dirs.items()}
+    c = container(docs, job)
+    paths = materialize(docs, root, job) | {k.rstrip("/"): v for k, v in image_dirs.items()}
     env = {k: v for k, v in runner_env().items() if not k.startswith("MIGRATE_")}
     env["ALEMBIC_CONFIG"] = remap(image["alembic_config"], paths)  # the image's ENV
     for item in c["env"]:
@@ -1129,23 +1164,40 @@ def test_openshift_drops_the_fixed_uid_and_gid():
     assert container(render())["securityContext"]["runAsUser"] == 10001  # "auto" off OpenShift
 
 
+def selects(policy: dict, labels: dict) -> bool:
+    """Whether the NetworkPolicy's podSelector selects a pod with these labels."""
+    selector = policy["spec"]["podSelector"]
+    if not selector.get("matchLabels", {}).items() <= labels.items():
+        return False
+    for expression in selector.get("matchExpressions", []):
+        assert expression["operator"] == "In", expression
+        if labels.get(expression["key"]) not in expression["values"]:
+            return False
+    return True
+
+
 @pytest.mark.parametrize("mode", ["hook", "argocd", "job"])
 def test_network_policy_allows_dns_and_the_database_only(mode):
     docs = render({"mode": mode, "networkPolicy": {"enabled": True, "databasePort": 6432}})
-    policy = only(docs, "NetworkPolicy")
-    validate(policy)
+    policies = [d for d in docs if d["kind"] == "NetworkPolicy"]
+    assert len(policies) == (1 if mode == "job" else 2)
     template_labels = only(docs, "Job")["spec"]["template"]["metadata"]["labels"]
-    assert policy["spec"]["podSelector"]["matchLabels"].items() <= template_labels.items()
-    assert policy["spec"]["policyTypes"] == ["Ingress", "Egress"] and "ingress" not in policy["spec"]
-    ports = sorted((p["port"], p["protocol"]) for rule in policy["spec"]["egress"] for p in rule["ports"])
-    assert ports == [(53, "TCP"), (53, "UDP"), (6432, "TCP")]
-    hook_weight = annotations(policy).get("helm.sh/hook-weight")
-    if mode == "hook":
-        assert int(hook_weight) < int(annotations(only(docs, "Job"))["helm.sh/hook-weight"])
-    elif mode == "argocd":
-        assert annotations(policy)["argocd.argoproj.io/hook"] == "PreSync"
-    else:
-        assert annotations(policy) == {}
+    for policy in policies:
+        validate(policy)
+        assert selects(policy, template_labels)
+        assert policy["spec"]["policyTypes"] == ["Ingress", "Egress"] and "ingress" not in policy["spec"]
+        ports = sorted((p["port"], p["protocol"]) for rule in policy["spec"]["egress"] for p in rule["ports"])
+        assert ports == [(53, "TCP"), (53, "UDP"), (6432, "TCP")]
+    (ordinary,) = [p for p in policies if not annotations(p)]
+    assert ordinary["metadata"]["name"] == "shop-migration-runner-pods"
+    if mode != "job":
+        (hook,) = [p for p in policies if annotations(p)]
+        assert hook["metadata"]["name"] == "shop-migration-runner"  # chart 0.2.0's hook: replaced, never adopted
+        if mode == "hook":
+            assert int(annotations(hook)["helm.sh/hook-weight"]) < \
+                int(annotations(only(docs, "Job"))["helm.sh/hook-weight"])
+        else:
+            assert annotations(hook)["argocd.argoproj.io/hook"] == "PreSync"
     assert "NetworkPolicy" not in kinds(render({"mode": mode}))
 
 
@@ -1252,7 +1304,8 @@ def test_release_names_that_read_as_other_yaml_types_stay_strings(release):
             validate(doc)
             assert doc["metadata"]["labels"]["app.kubernetes.io/instance"] == release, doc["metadata"]
         assert only(docs, "Job")["spec"]["template"]["metadata"]["labels"]["app.kubernetes.io/instance"] == release
-        assert only(docs, "NetworkPolicy")["spec"]["podSelector"]["matchLabels"]["app.kubernetes.io/instance"] == release
+        for policy in [d for d in docs if d["kind"] == "NetworkPolicy"]:
+            assert policy["spec"]["podSelector"]["matchLabels"]["app.kubernetes.io/instance"] == release
     for doc in render({"nameOverride": "123", "fullnameOverride": "456"}, name=release, tests=True):
         validate(doc)
         assert doc["metadata"]["labels"]["app.kubernetes.io/name"] == "123"
@@ -1302,7 +1355,7 @@ def test_an_upgrade_from_chart_0_1_0_never_meets_a_leftover_hook_under_an_ordina
 
 def test_the_chart_version_says_the_names_changed():
     chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
-    assert chart["version"] == "0.2.0"
+    assert chart["version"] == "0.3.0"
     parent = yaml.safe_load((PARENT / "Chart.yaml").read_text())
     (dependency,) = [d for d in parent["dependencies"] if d["name"] == "migration-runner"]
     assert dependency["version"] == chart["version"]
@@ -1378,10 +1431,11 @@ def test_null_never_turns_into_a_dangerous_default():
     assert only(docs, "Pod")["spec"]["automountServiceAccountToken"] is False
     assert only(docs, "ServiceAccount")["automountServiceAccountToken"] is False
     # A NetworkPolicy port of null would open every TCP port.
-    policy = only(render({"networkPolicy": {"enabled": True, "databasePort": None}}), "NetworkPolicy")
-    validate(policy)
-    ports = sorted((p["port"], p["protocol"]) for rule in policy["spec"]["egress"] for p in rule["ports"])
-    assert ports == [(53, "TCP"), (53, "UDP"), (5432, "TCP")]
+    for policy in [d for d in render({"networkPolicy": {"enabled": True, "databasePort": None}})
+                   if d["kind"] == "NetworkPolicy"]:
+        validate(policy)
+        ports = sorted((p["port"], p["protocol"]) for rule in policy["spec"]["egress"] for p in rule["ports"])
+        assert ports == [(53, "TCP"), (53, "UDP"), (5432, "TCP")]
     # Whole objects set to null are refused by the schema, naming the key (not a nil pointer in a template).
     for key in ("config", "tests", "hook", "serviceAccount", "job", "networkPolicy", "image", "migrations"):
         message = render_error({key: None})
@@ -1498,9 +1552,9 @@ def test_verify_cronjob_is_an_ordinary_resource_that_mounts_ordinary_resources(m
     pod, c = cron_pod(cron_job), cron_container(cron_job)
     assert c["args"] == ["verify"]
     assert pod["restartPolicy"] == "Never"
-    # The same Job spec as the migration Job would have otherwise, without its retries.
-    assert cron_job["spec"]["jobTemplate"]["spec"]["backoffLimit"] == 0
-    assert "podFailurePolicy" not in cron_job["spec"]["jobTemplate"]["spec"]
+    # The migration Job's podFailurePolicy, with a small backoffLimit for the retryable codes.
+    assert cron_job["spec"]["jobTemplate"]["spec"]["backoffLimit"] == 2
+    assert cron_job["spec"]["jobTemplate"]["spec"]["podFailurePolicy"]["rules"]
     ordinary = {(d["kind"], d["metadata"]["name"]) for d in docs if not is_hook(d)}
     (secret,) = [v["secret"] for v in pod["volumes"] if "secret" in v]
     if source == "existingSecret":
