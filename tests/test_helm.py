@@ -32,9 +32,24 @@ EXAMPLE = ROOT / "examples" / "basic"
 EXIT_CODES_FILE = CHART / "files" / "exit-codes.json"
 # The newest Kubernetes release whose schemas kubernetes-validate ships.
 KUBE_VERSION = kubernetes_validate.latest_version()
-# Every rendered object is validated (strict) against each of these: native sidecars are on by default from 1.29.
-KUBE_VERSIONS = sorted({"1.29.0", "1.31.0", "1.33.0", "1.35.0", KUBE_VERSION},
-                       key=lambda v: tuple(int(p) for p in v.split(".")))
+
+
+def kube_floor() -> str:
+    """The oldest Kubernetes release the chart claims: Chart.yaml's kubeVersion, ">=X.Y.Z-0"."""
+    constraint = yaml.safe_load((CHART / "Chart.yaml").read_text())["kubeVersion"]
+    match = re.fullmatch(r">=\s*v?(\d+)\.(\d+)\.(\d+)(-0)?", constraint.strip())
+    assert match, f"kubeVersion {constraint!r} is not a plain floor"
+    return ".".join(match.group(1, 2, 3))
+
+
+def kube_key(version: str) -> tuple[int, ...]:
+    return tuple(int(p) for p in version.split("."))
+
+
+KUBE_FLOOR = kube_floor()
+# Every rendered object is validated (strict) against each of these, from the floor the chart claims (native
+# sidecars are on by default from 1.29) to the newest.
+KUBE_VERSIONS = sorted({KUBE_FLOOR, "1.31.0", "1.33.0", "1.35.0", KUBE_VERSION}, key=kube_key)
 # What Kubernetes requires of the names of Jobs, Pods, Services... and of label values: an RFC 1123 label.
 RFC1123_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
 URL = "postgresql://app:s3cret@db.example.internal:5432/app"
@@ -93,12 +108,29 @@ def kinds(docs: list[dict]) -> list[str]:
     return sorted(d["kind"] for d in docs)
 
 
-def pod_spec(docs: list[dict]) -> dict:
-    return only(docs, "Job")["spec"]["template"]["spec"]
+def component(doc: dict) -> str:
+    return doc["metadata"]["labels"]["app.kubernetes.io/component"]
 
 
-def container(docs: list[dict]) -> dict:
-    (c,) = [c for c in pod_spec(docs)["containers"] if c["name"] == CONTAINER]
+def pre_job(docs: list[dict]) -> dict:
+    """The migration Job (the post Job, postUpgrade.enabled, aside)."""
+    jobs = [d for d in docs if d["kind"] == "Job" and component(d) == "migration"]
+    assert len(jobs) == 1, [(d["kind"], d["metadata"]["name"]) for d in docs]
+    return jobs[0]
+
+
+def post_job(docs: list[dict]) -> dict:
+    jobs = [d for d in docs if d["kind"] == "Job" and component(d) == "post-migration"]
+    assert len(jobs) == 1, [(d["kind"], d["metadata"]["name"]) for d in docs]
+    return jobs[0]
+
+
+def pod_spec(docs: list[dict], job: dict | None = None) -> dict:
+    return (job or pre_job(docs))["spec"]["template"]["spec"]
+
+
+def container(docs: list[dict], job: dict | None = None) -> dict:
+    (c,) = [c for c in pod_spec(docs, job)["containers"] if c["name"] == CONTAINER]
     return c
 
 
@@ -202,6 +234,13 @@ COMBINATIONS = {
     "openshift": {"global": {"compatibility": {"openshift": {"adaptSecurityContext": "force"}}}},
     "verify-cronjob": {"verifyCronJob": {"enabled": True, "timeZone": "Europe/Berlin"},
                        "migrations": {"source": "configMap", "files": {"alembic.ini": "[alembic]\n"}}},
+} | {
+    # Both Jobs of an expand/contract release (#23), with everything that runs beside them.
+    f"post-{mode}": {"mode": mode, "config": {"target": "expand@head"},
+                     "postUpgrade": {"enabled": True, "target": "heads"},
+                     "migrations": {"source": "configMap", "files": {"alembic.ini": "[alembic]\n"}},
+                     "networkPolicy": {"enabled": True}, "verifyCronJob": {"enabled": True}}
+    for mode in ("hook", "argocd", "job")
 }
 
 
@@ -214,11 +253,11 @@ def lint_problems(path: Path, values: dict | None = None, **options) -> list:
 def test_lint_is_clean():
     assert lint_problems(CHART) == []
     for name in ("hook-url", "job-configMap", "argocd-existingSecret", "scheduling", "extensions", "sidecars",
-                 "openshift", "odd-names", "verify-cronjob"):
+                 "openshift", "odd-names", "verify-cronjob", "post-hook", "post-argocd", "post-job"):
         assert lint_problems(CHART, deep_merge(BASE, COMBINATIONS[name])) == [], name
     assert lint_problems(PARENT, with_subcharts=True) == []
     # The oldest Kubernetes the chart claims (kubeVersion) and the newest.
-    for version in ("v1.26.0", "v" + KUBE_VERSION):
+    for version in ("v" + KUBE_FLOOR, "v" + KUBE_VERSION):
         assert lint_problems(CHART, BASE, kube_version=version) == [], version
 
 
@@ -239,6 +278,8 @@ def test_every_rendered_manifest_validates(name):
         assert RFC1123_LABEL.fullmatch(doc["metadata"]["labels"]["app.kubernetes.io/name"])
     if COMBINATIONS[name].get("job", {}).get("enabled", True):
         assert "Job" in kinds(docs)
+    if COMBINATIONS[name].get("postUpgrade", {}).get("enabled"):
+        assert kinds(docs).count("Job") == 2 and post_job(docs) and pre_job(docs)
 
 
 def test_validation_catches_a_broken_manifest():
@@ -256,7 +297,8 @@ def test_hook_mode_runs_the_job_as_a_pre_install_pre_upgrade_hook_after_its_secr
     assert kinds(docs) == ["Job", "Secret", "Secret", "ServiceAccount"]
     job = only(docs, "Job")
     assert annotations(job) == {"helm.sh/hook": "pre-install,pre-upgrade", "helm.sh/hook-weight": "5",
-                                "helm.sh/hook-delete-policy": "before-hook-creation,hook-succeeded"}
+                                "helm.sh/hook-delete-policy": "before-hook-creation,hook-succeeded",
+                                "helm.sh/hook-output-log-policy": "hook-failed"}
     assert job["metadata"]["name"] == "shop-migration-runner"
     assert "ttlSecondsAfterFinished" not in job["spec"]
     # A pre-install hook runs before ordinary resources exist: what the Job needs is a hook with a lower weight.
@@ -386,7 +428,7 @@ def test_job_spec_and_restricted_security_context():
     labels = job["metadata"]["labels"]
     assert labels["app.kubernetes.io/instance"] == "shop"
     assert labels["app.kubernetes.io/managed-by"] == "Helm"
-    assert labels["helm.sh/chart"] == "migration-runner-0.2.0"
+    assert labels["helm.sh/chart"] == "migration-runner-0.3.0"
 
 
 def test_istio_sidecar_is_kept_out_by_default():
@@ -498,7 +540,8 @@ def test_every_runner_variable_is_settable_from_values():
 
 def test_unset_settings_leave_the_runner_defaults():
     env = env_of(container(render()))
-    assert set(env) == {"DATABASE_URL_FILE", "MIGRATE_IMAGE", "MIGRATE_LOG_FORMAT", "MIGRATE_LOG_LEVEL"}
+    assert set(env) == {"DATABASE_URL_FILE", "MIGRATE_IMAGE", "MIGRATE_LOG_FORMAT", "MIGRATE_LOG_LEVEL", "MIGRATE_TARGET"}
+    assert env["MIGRATE_TARGET"] == "heads"
     assert "ALEMBIC_CONFIG" not in env  # the image's own ALEMBIC_CONFIG applies
 
 
@@ -639,12 +682,12 @@ def dockerfile_facts() -> dict:
     return {"entrypoint": entrypoint, "workdir": workdir, "alembic_config": alembic_config}
 
 
-def materialize(docs: list[dict], root: Path) -> dict[str, Path]:
+def materialize(docs: list[dict], root: Path, job: dict | None = None) -> dict[str, Path]:
     """Write every volume the Job's container mounts under root; return mountPath -> local dir."""
     by_name = {(d["kind"], d["metadata"]["name"]): d for d in docs}
-    volumes = {v["name"]: v for v in pod_spec(docs)["volumes"]}
+    volumes = {v["name"]: v for v in pod_spec(docs, job)["volumes"]}
     paths = {}
-    for mount in container(docs)["volumeMounts"]:
+    for mount in container(docs, job)["volumeMounts"]:
         volume = volumes[mount["name"]]
         local = root / mount["mountPath"].strip("/")
         local.mkdir(parents=True, exist_ok=True)
@@ -671,11 +714,12 @@ def remap(value: str, paths: dict[str, Path]) -> str:
     return value
 
 
-def run_rendered_job(docs: list[dict], root: Path, image_dirs: dict[str, Path]):
-    """Run the rendered container the way the kubelet would, with the console script as the image."""
+def run_rendered_job(docs: list[dict], root: Path, image_dirs: dict[str, Path], job: dict | None = None):
+    """Run the rendered container (the migration Job's, or job's) the way the kubelet would, with the console
+    script as the image."""
     image = dockerfile_facts()
-    c = container(docs)
-    paths = materialize(docs, root) | {k.rstrip("/"): v for k, v in image_dirs.items()}
+    c = container(docs, job)
+    paths = materialize(docs, root, job) | {k.rstrip("/"): v for k, v in image_dirs.items()}
     env = {k: v for k, v in runner_env().items() if not k.startswith("MIGRATE_")}
     env["ALEMBIC_CONFIG"] = remap(image["alembic_config"], paths)  # the image's ENV
     for item in c["env"]:
@@ -1129,23 +1173,40 @@ def test_openshift_drops_the_fixed_uid_and_gid():
     assert container(render())["securityContext"]["runAsUser"] == 10001  # "auto" off OpenShift
 
 
+def selects(policy: dict, labels: dict) -> bool:
+    """Whether the NetworkPolicy's podSelector selects a pod with these labels."""
+    selector = policy["spec"]["podSelector"]
+    if not selector.get("matchLabels", {}).items() <= labels.items():
+        return False
+    for expression in selector.get("matchExpressions", []):
+        assert expression["operator"] == "In", expression
+        if labels.get(expression["key"]) not in expression["values"]:
+            return False
+    return True
+
+
 @pytest.mark.parametrize("mode", ["hook", "argocd", "job"])
 def test_network_policy_allows_dns_and_the_database_only(mode):
     docs = render({"mode": mode, "networkPolicy": {"enabled": True, "databasePort": 6432}})
-    policy = only(docs, "NetworkPolicy")
-    validate(policy)
+    policies = [d for d in docs if d["kind"] == "NetworkPolicy"]
+    assert len(policies) == (1 if mode == "job" else 2)
     template_labels = only(docs, "Job")["spec"]["template"]["metadata"]["labels"]
-    assert policy["spec"]["podSelector"]["matchLabels"].items() <= template_labels.items()
-    assert policy["spec"]["policyTypes"] == ["Ingress", "Egress"] and "ingress" not in policy["spec"]
-    ports = sorted((p["port"], p["protocol"]) for rule in policy["spec"]["egress"] for p in rule["ports"])
-    assert ports == [(53, "TCP"), (53, "UDP"), (6432, "TCP")]
-    hook_weight = annotations(policy).get("helm.sh/hook-weight")
-    if mode == "hook":
-        assert int(hook_weight) < int(annotations(only(docs, "Job"))["helm.sh/hook-weight"])
-    elif mode == "argocd":
-        assert annotations(policy)["argocd.argoproj.io/hook"] == "PreSync"
-    else:
-        assert annotations(policy) == {}
+    for policy in policies:
+        validate(policy)
+        assert selects(policy, template_labels)
+        assert policy["spec"]["policyTypes"] == ["Ingress", "Egress"] and "ingress" not in policy["spec"]
+        ports = sorted((p["port"], p["protocol"]) for rule in policy["spec"]["egress"] for p in rule["ports"])
+        assert ports == [(53, "TCP"), (53, "UDP"), (6432, "TCP")]
+    (ordinary,) = [p for p in policies if not annotations(p)]
+    assert ordinary["metadata"]["name"] == "shop-migration-runner-pods"
+    if mode != "job":
+        (hook,) = [p for p in policies if annotations(p)]
+        assert hook["metadata"]["name"] == "shop-migration-runner"  # chart 0.2.0's hook: replaced, never adopted
+        if mode == "hook":
+            assert int(annotations(hook)["helm.sh/hook-weight"]) < \
+                int(annotations(only(docs, "Job"))["helm.sh/hook-weight"])
+        else:
+            assert annotations(hook)["argocd.argoproj.io/hook"] == "PreSync"
     assert "NetworkPolicy" not in kinds(render({"mode": mode}))
 
 
@@ -1252,7 +1313,8 @@ def test_release_names_that_read_as_other_yaml_types_stay_strings(release):
             validate(doc)
             assert doc["metadata"]["labels"]["app.kubernetes.io/instance"] == release, doc["metadata"]
         assert only(docs, "Job")["spec"]["template"]["metadata"]["labels"]["app.kubernetes.io/instance"] == release
-        assert only(docs, "NetworkPolicy")["spec"]["podSelector"]["matchLabels"]["app.kubernetes.io/instance"] == release
+        for policy in [d for d in docs if d["kind"] == "NetworkPolicy"]:
+            assert policy["spec"]["podSelector"]["matchLabels"]["app.kubernetes.io/instance"] == release
     for doc in render({"nameOverride": "123", "fullnameOverride": "456"}, name=release, tests=True):
         validate(doc)
         assert doc["metadata"]["labels"]["app.kubernetes.io/name"] == "123"
@@ -1302,7 +1364,7 @@ def test_an_upgrade_from_chart_0_1_0_never_meets_a_leftover_hook_under_an_ordina
 
 def test_the_chart_version_says_the_names_changed():
     chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
-    assert chart["version"] == "0.2.0"
+    assert chart["version"] == "0.3.0"
     parent = yaml.safe_load((PARENT / "Chart.yaml").read_text())
     (dependency,) = [d for d in parent["dependencies"] if d["name"] == "migration-runner"]
     assert dependency["version"] == chart["version"]
@@ -1378,10 +1440,11 @@ def test_null_never_turns_into_a_dangerous_default():
     assert only(docs, "Pod")["spec"]["automountServiceAccountToken"] is False
     assert only(docs, "ServiceAccount")["automountServiceAccountToken"] is False
     # A NetworkPolicy port of null would open every TCP port.
-    policy = only(render({"networkPolicy": {"enabled": True, "databasePort": None}}), "NetworkPolicy")
-    validate(policy)
-    ports = sorted((p["port"], p["protocol"]) for rule in policy["spec"]["egress"] for p in rule["ports"])
-    assert ports == [(53, "TCP"), (53, "UDP"), (5432, "TCP")]
+    for policy in [d for d in render({"networkPolicy": {"enabled": True, "databasePort": None}})
+                   if d["kind"] == "NetworkPolicy"]:
+        validate(policy)
+        ports = sorted((p["port"], p["protocol"]) for rule in policy["spec"]["egress"] for p in rule["ports"])
+        assert ports == [(53, "TCP"), (53, "UDP"), (5432, "TCP")]
     # Whole objects set to null are refused by the schema, naming the key (not a nil pointer in a template).
     for key in ("config", "tests", "hook", "serviceAccount", "job", "networkPolicy", "image", "migrations"):
         message = render_error({key: None})
@@ -1498,9 +1561,9 @@ def test_verify_cronjob_is_an_ordinary_resource_that_mounts_ordinary_resources(m
     pod, c = cron_pod(cron_job), cron_container(cron_job)
     assert c["args"] == ["verify"]
     assert pod["restartPolicy"] == "Never"
-    # The same Job spec as the migration Job would have otherwise, without its retries.
-    assert cron_job["spec"]["jobTemplate"]["spec"]["backoffLimit"] == 0
-    assert "podFailurePolicy" not in cron_job["spec"]["jobTemplate"]["spec"]
+    # The migration Job's podFailurePolicy, with a small backoffLimit for the retryable codes.
+    assert cron_job["spec"]["jobTemplate"]["spec"]["backoffLimit"] == 2
+    assert cron_job["spec"]["jobTemplate"]["spec"]["podFailurePolicy"]["rules"]
     ordinary = {(d["kind"], d["metadata"]["name"]) for d in docs if not is_hook(d)}
     (secret,) = [v["secret"] for v in pod["volumes"] if "secret" in v]
     if source == "existingSecret":
@@ -1638,3 +1701,426 @@ def test_verify_cronjob_in_the_notes_and_the_readme():
     cron_job = only(render(values), "CronJob")
     validate(cron_job)
     assert cron_job["spec"]["timeZone"] == "Europe/Berlin"
+
+
+# -- issue #23: config.target, the post Job (expand/contract), and the audit's findings -------------------------
+MODES = ["hook", "argocd", "job"]
+EXPAND = {"config": {"target": "expand@head"}, "postUpgrade": {"enabled": True, "target": "heads"}}
+HOOK_EVENT_KEYS = ("helm.sh/hook", "argocd.argoproj.io/hook")
+
+
+def secret_source(docs: list[dict], pod: dict) -> dict:
+    """The Secret volume holding the URL (not an extraVolumes one)."""
+    (volume,) = [v["secret"] for v in pod["volumes"] if v["name"] == "migration-runner-database"]
+    return volume
+
+
+def hook_phases(doc: dict) -> set[str]:
+    """The phases a resource is created in: its Helm hook events or Argo CD hook phases; {"release"} when ordinary."""
+    found = set()
+    for key in HOOK_EVENT_KEYS:
+        found |= {part.strip() for part in annotations(doc).get(key, "").split(",") if part.strip()}
+    return found or {"release"}
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_post_job_is_off_by_default(mode):
+    for values in ({"mode": mode}, {"mode": mode, "postUpgrade": {"target": "contract@head"}}):
+        docs = render(values, tests=True)
+        assert [component(d) for d in docs if d["kind"] == "Job"] == ["migration"]
+        assert "-post" not in json.dumps([d["metadata"]["name"] for d in docs])
+    # The post Job comes with the migration Job: none with job.enabled false (init containers migrate).
+    assert "Job" not in kinds(render({"mode": mode, "job": {"enabled": False}, "postUpgrade": {"enabled": True}}))
+
+
+@pytest.mark.parametrize("source", ["url", "existingSecret", "configMap"])
+@pytest.mark.parametrize("mode", MODES)
+def test_both_jobs_render_validate_and_run_their_own_target(mode, source):
+    """The pre Job runs config.target, the post Job postUpgrade.target: both valid on every supported Kubernetes,
+    the post Job a post-install,post-upgrade hook, a PostSync hook, or a plain Job, with a name of its own."""
+    values = deep_merge(deep_merge(VERIFY_SOURCES[source], EXPAND), {"mode": mode, "verifyCronJob": {"enabled": True}})
+    docs = render(values, tests=True)
+    for doc in docs:
+        validate(doc)
+    pre, post = pre_job(docs), post_job(docs)
+    assert env_of(container(docs, pre))["MIGRATE_TARGET"] == "expand@head"
+    assert env_of(container(docs, post))["MIGRATE_TARGET"] == "heads"
+    assert pre["metadata"]["name"] != post["metadata"]["name"]
+    assert post["spec"]["template"]["metadata"]["labels"]["app.kubernetes.io/component"] == "post-migration"
+    if mode == "hook":
+        assert post["metadata"]["name"] == "shop-migration-runner-post"
+        assert annotations(post) == {"helm.sh/hook": "post-install,post-upgrade", "helm.sh/hook-weight": "0",
+                                     "helm.sh/hook-delete-policy": "before-hook-creation,hook-succeeded",
+                                     "helm.sh/hook-output-log-policy": "hook-failed"}
+    elif mode == "argocd":
+        assert post["metadata"]["name"] == "shop-migration-runner-post"
+        assert annotations(post) == {"argocd.argoproj.io/hook": "PostSync", "argocd.argoproj.io/sync-wave": "0",
+                                     "argocd.argoproj.io/hook-delete-policy": "BeforeHookCreation"}
+    else:
+        assert re.fullmatch(r"shop-migration-runner-post-[0-9a-f]{8}", post["metadata"]["name"])
+        assert annotations(post) == {} and post["spec"]["ttlSecondsAfterFinished"] == 86400
+    # Its own podFailurePolicy, the same rules as the pre Job's, and its own termination message.
+    assert post["spec"]["podFailurePolicy"] == pre["spec"]["podFailurePolicy"]
+    assert post["spec"]["podFailurePolicy"]["rules"][0]["onExitCodes"]["containerName"] == CONTAINER
+    assert container(docs, post)["terminationMessagePolicy"] == "FallbackToLogsOnError"
+    assert post["spec"]["backoffLimit"] == pre["spec"]["backoffLimit"]
+    # The application's pods answer for config.target (they start between the Jobs); what runs between
+    # releases (the verify CronJob, the helm test pod) for postUpgrade.target.
+    assert env_of(cron_container(only(docs, "CronJob")))["MIGRATE_TARGET"] == "heads"
+    for pod in [d for d in docs if d["kind"] == "Pod"]:
+        assert env_of(pod["spec"]["containers"][0])["MIGRATE_TARGET"] == "heads"
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_post_job_pod_is_the_pre_jobs_pod(mode):
+    """One pod template: the post Job's pod differs from the pre Job's only in its component label, its target
+    and, in modes hook and argocd, in mounting the ordinary Secret and ConfigMap instead of the pre Job's copies."""
+    values = deep_merge(COMBINATIONS["extensions"], deep_merge(EXPAND, {
+        "mode": mode, "sidecars": [{"name": "istio-proxy", "image": "istio/proxyv2:1.24.0"}],
+        "config": {"quitUrls": QUIT}, "migrations": {"source": "configMap", "files": {"alembic.ini": ""}},
+        "nodeSelector": {"pool": "batch"}, "job": {"backoffLimit": 1, "activeDeadlineSeconds": 99}}))
+    docs = render(values)
+    pre, post = pre_job(docs), post_job(docs)
+    validate(post)
+    pre_template, post_template = json.loads(json.dumps(pre["spec"]["template"])), post["spec"]["template"]
+    pre_template["metadata"]["labels"]["app.kubernetes.io/component"] = "post-migration"
+    (runner,) = [c for c in pre_template["spec"]["containers"] if c["name"] == CONTAINER]
+    for item in runner["env"]:
+        if item["name"] == "MIGRATE_TARGET":
+            item["value"] = "heads"
+    for volume in pre_template["spec"]["volumes"]:
+        if volume["name"] == "migration-runner-database":
+            volume["secret"]["secretName"] = secret_source(docs, pod_spec(docs, post))["secretName"]
+        if "configMap" in volume:
+            volume["configMap"]["name"] = mounted(docs, "ConfigMap", pod_spec(docs, post))["metadata"]["name"]
+    assert post_template == pre_template
+    assert {k: v for k, v in post["spec"].items() if k != "template"} == \
+        {k: v for k, v in pre["spec"].items() if k != "template"}
+    assert env_of(container(docs, post))["MIGRATE_QUIT_URLS"] == QUIT
+    assert post["metadata"]["labels"]["team"] == "db" and annotations(post)["example.com/owner"] == "db"
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_post_job_has_what_it_needs_when_it_runs(mode):
+    """Secret, ConfigMap and ServiceAccount exist in the post Job's phase and outlive it: the ordinary Secret and
+    ConfigMap, and the chart's ServiceAccount, a hook of the post events too (created again before the post Job,
+    after hook-succeeded deleted it with the pre hooks), with a lower weight or sync wave."""
+    values = deep_merge(EXPAND, {"mode": mode, "migrations": {"source": "configMap", "files": {"alembic.ini": ""}}})
+    docs = render(values)
+    post = post_job(docs)
+    pod = pod_spec(docs, post)
+    account = only(docs, "ServiceAccount")
+    assert pod["serviceAccountName"] == account["metadata"]["name"]
+    for kind in ("Secret", "ConfigMap"):
+        assert hook_phases(mounted(docs, kind, pod)) == {"release"}, kind
+    assert hook_phases(post) <= hook_phases(account) | {"release"} or hook_phases(account) == {"release"}
+    if mode == "hook":
+        assert hook_phases(account) == {"pre-install", "pre-upgrade", "post-install", "post-upgrade"}
+        for job in (pre_job(docs), post):
+            assert int(annotations(account)["helm.sh/hook-weight"]) < int(annotations(job)["helm.sh/hook-weight"])
+            assert hook_phases(job) <= hook_phases(account)
+        # The pre Job's copies stay pre hooks: the post Job never mounts them.
+        assert hook_phases(mounted(docs, "Secret")) == {"pre-install", "pre-upgrade"}
+    elif mode == "argocd":
+        assert hook_phases(account) == {"PreSync", "PostSync"}
+        for job in (pre_job(docs), post):
+            assert int(annotations(account)["argocd.argoproj.io/sync-wave"]) < \
+                int(annotations(job)["argocd.argoproj.io/sync-wave"])
+    else:
+        assert hook_phases(account) == {"release"}
+    # Without the post Job the ServiceAccount is the pre Job's alone, as before.
+    without = only(render({"mode": mode}), "ServiceAccount")
+    assert hook_phases(without) == {"hook": {"pre-install", "pre-upgrade"}, "argocd": {"PreSync"},
+                                    "job": {"release"}}[mode]
+    # serviceAccount.create false: both Jobs run as serviceAccount.name.
+    docs = render(deep_merge(values, {"serviceAccount": {"create": False, "name": "migrator"}}))
+    assert "ServiceAccount" not in kinds(docs)
+    assert pod_spec(docs, post_job(docs))["serviceAccountName"] == pod_spec(docs)["serviceAccountName"] == "migrator"
+
+
+def test_post_job_names_stay_valid_distinct_and_follow_its_spec():
+    for mode in MODES:
+        names = set()
+        for values in ({"fullnameOverride": "a" * 70 + "-one"}, {"fullnameOverride": "a" * 70 + "-two"},
+                       {"fullnameOverride": "Shop_DB.Migrate-"}, {"nameOverride": "dbMigrations"},
+                       {"job": {"nameSuffixOverride": "x" * 30}}):
+            docs = render(deep_merge(deep_merge(EXPAND, values), {"mode": mode}), tests=True)
+            for doc in docs:
+                validate(doc)
+            assert len({(d["kind"], d["metadata"]["name"]) for d in docs}) == len(docs)
+            name = post_job(docs)["metadata"]["name"]
+            assert len(name) <= 63 and "-post" in name, name
+            names.add(name)
+        assert len(names) == 5, names
+    # Mode job: the post Job's name is a hash of its own spec; the pre Job's does not move with postUpgrade.target.
+    def names(values):
+        docs = render(deep_merge(deep_merge(EXPAND, {"mode": "job"}), values))
+        return pre_job(docs)["metadata"]["name"], post_job(docs)["metadata"]["name"]
+    base = names({})
+    other_post = names({"postUpgrade": {"target": "contract@head"}})
+    other_pre = names({"config": {"target": "heads"}})
+    assert other_post[0] == base[0] and other_post[1] != base[1]
+    assert other_pre[0] != base[0]
+    assert names({"job": {"nameSuffixOverride": "1.4.0"}}) == ("shop-migration-runner-1-4-0",
+                                                                 "shop-migration-runner-post-1-4-0")
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"postUpgrade": {"enabled": "yes"}}, "/postUpgrade/enabled"),
+    ({"postUpgrade": {"target": ""}}, "/postUpgrade/target"),
+    ({"postUpgrade": {"target": "expand@head contract@head"}}, "/postUpgrade/target"),
+    ({"postUpgrade": {"enabled": True, "bogus": 1}}, "additional properties 'bogus' not allowed"),
+    ({"postUpgrade": None}, "missing property 'postUpgrade'"),
+    ({"config": {"target": ""}}, "/config/target"),
+    ({"hook": {"outputLogPolicy": "always"}}, "/hook/outputLogPolicy"),
+])
+def test_schema_refuses_bad_target_and_post_job_values(values, message):
+    assert message in render_error(values)
+
+
+@pytest.mark.parametrize("values", [
+    {"postUpgrade": {"enabled": True}},
+    {"postUpgrade": {"enabled": True, "target": "contract@head"}, "config": {"target": "expand@head"}},
+    {"postUpgrade": {"enabled": False, "target": "0007"}, "config": {"target": "0005"}},
+    {"hook": {"outputLogPolicy": "hook-succeeded,hook-failed"}},
+    {"hook": {"outputLogPolicy": ""}},
+])
+def test_schema_accepts_target_and_post_job_values(values):
+    with helm.Chart.load(CHART) as loaded:
+        loaded.validate_schema(deep_merge(BASE, values))
+    for doc in render(values, tests=True):
+        validate(doc)
+
+
+def test_rendered_pre_and_post_jobs_migrate_the_database(database_url, tmp_path):
+    """The two rendered Jobs, one after the other, against the suite's PostgreSQL: each exits 0 with its own
+    MIGRATE_TARGET, the post Job with the ordinary Secret and ConfigMap, and the database ends at the heads."""
+    values = deep_merge(EXPAND, {"database": {"url": database_url}, "config": {"target": "heads", "waitTimeout": 10},
+                                 "migrations": {"source": "configMap", "files": example_files()}})
+    docs = render(values)
+    for doc in docs:
+        validate(doc)
+    pre, post = pre_job(docs), post_job(docs)
+    assert is_hook(mounted(docs, "Secret", pod_spec(docs, pre))) and not is_hook(mounted(docs, "Secret", pod_spec(docs, post)))
+    result, env = run_rendered_job(docs, tmp_path / "pre", {"/app": EXAMPLE}, job=pre)
+    assert result.returncode == 0, result
+    assert env["MIGRATE_TARGET"] == "heads"
+    assert version_rows(database_url) == ["0003"]
+    result, env = run_rendered_job(docs, tmp_path / "post", {"/app": EXAMPLE}, job=post)
+    assert result.returncode == 0, result
+    assert env["MIGRATE_TARGET"] == "heads" and Path(env["DATABASE_URL_FILE"]).read_text() == database_url
+    assert version_rows(database_url) == ["0003"]
+
+
+# Finding 1: kubeVersion claimed only where the manifests validate.
+def test_kube_version_floor_is_where_every_manifest_validates():
+    """Chart.yaml's floor is the oldest release of the tests' matrix, every object of both Jobs' releases
+    validates on every minor release from it to the newest, and not one release below it (the Job's
+    podFailurePolicy with DisruptionTarget, native sidecars): the chart claims no release it cannot run on."""
+    assert KUBE_VERSIONS[0] == KUBE_FLOOR and KUBE_VERSIONS[-1] == KUBE_VERSION
+    assert kube_key(KUBE_FLOOR) >= (1, 29), KUBE_FLOOR
+    major, floor_minor, _ = kube_key(KUBE_FLOOR)
+    docs = render(deep_merge(COMBINATIONS["post-hook"], COMBINATIONS["extensions"]), tests=True)
+    for minor in range(floor_minor, kube_key(KUBE_VERSION)[1] + 1):
+        for doc in docs:
+            kubernetes_validate.validate(doc, f"{major}.{minor}.0", strict=True)
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(pre_job(docs), f"{major}.{floor_minor - 1}.0", strict=True)
+    # The README says the same floor.
+    readme = (CHART / "README.md").read_text()
+    assert f"Kubernetes {major}.{floor_minor} or later" in readme
+
+
+# Finding 2: two migrations.files paths that make the same ConfigMap key.
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("paths", [("a/b.py", "a__b.py"), ("versions/0001 init.py", "versions/0001__init.py"),
+                                   ("x/y/z.py", "x__y/z.py")])
+def test_colliding_migration_file_keys_fail_naming_both(mode, paths):
+    files = {"alembic.ini": "[alembic]\n", paths[0]: "# one\n", paths[1]: "# two\n"}
+    for job in (True, False):
+        message = render_error({"mode": mode, "job": {"enabled": job},
+                                "migrations": {"source": "configMap", "files": files}})
+        assert f'"{paths[0]}"' in message and f'"{paths[1]}"' in message, message
+        assert "same ConfigMap key" in message or "both become the ConfigMap key" in message, message
+
+
+def test_distinct_migration_file_keys_render_each_file_once():
+    files = {"alembic.ini": "[alembic]\n", "migrations/env.py": "# env\n", "migrations/versions/0001_a.py": "# a\n",
+             "migrations/versions/0001-a.py": "# dash\n", "a_b.py": "# underscore\n"}
+    docs = render({"mode": "job", "migrations": {"source": "configMap", "files": files}})
+    config_map = only(docs, "ConfigMap")
+    assert len(config_map["data"]) == len(files)
+    volume = next(v["configMap"] for v in pod_spec(docs)["volumes"] if "configMap" in v)
+    assert {item["path"]: config_map["data"][item["key"]] for item in volume["items"]} == files
+
+
+# Finding 3: the NetworkPolicy covers every pod the chart runs, for as long as each runs.
+def chart_pods(docs: list[dict]) -> list[tuple[str, dict, dict]]:
+    """(what, pod labels, the object that creates the pod) of every pod the chart runs."""
+    pods = []
+    for doc in docs:
+        if doc["kind"] == "Job":
+            pods.append((f"Job {doc['metadata']['name']}", doc["spec"]["template"]["metadata"]["labels"], doc))
+        elif doc["kind"] == "CronJob":
+            pods.append(("CronJob", doc["spec"]["jobTemplate"]["spec"]["template"]["metadata"]["labels"], doc))
+        elif doc["kind"] == "Pod":
+            pods.append(("helm test pod", doc["metadata"]["labels"], doc))
+    return pods
+
+
+def lifetime_covers(policy: dict, creator: dict) -> bool:
+    """The policy exists when the pod runs: an ordinary resource covers any pod but a pre-install hook's (which runs
+    before ordinary resources exist); a hook covers the pods of hooks in its phases with a higher weight or wave."""
+    policy_phases, creator_phases = hook_phases(policy), hook_phases(creator)
+    pre = {"pre-install", "PreSync"}
+    if policy_phases == {"release"}:
+        return not (creator_phases & pre)
+    if not creator_phases <= policy_phases:
+        return False
+    for key in ("helm.sh/hook-weight", "argocd.argoproj.io/sync-wave"):
+        if key in annotations(policy):
+            return int(annotations(policy)[key]) < int(annotations(creator).get(key, "0"))
+    return False
+
+
+@pytest.mark.parametrize("job_enabled", [True, False])
+@pytest.mark.parametrize("post", [True, False])
+@pytest.mark.parametrize("mode", MODES)
+def test_network_policy_covers_every_pod_the_chart_runs(mode, post, job_enabled):
+    values = {"mode": mode, "job": {"enabled": job_enabled}, "networkPolicy": {"enabled": True},
+              "verifyCronJob": {"enabled": True}, "postUpgrade": {"enabled": post}}
+    docs = render(values, tests=True)
+    policies = [d for d in docs if d["kind"] == "NetworkPolicy"]
+    assert policies
+    pods = chart_pods(docs)
+    expected = 1 + (mode == "hook") + (job_enabled and 1 + post)  # CronJob, test pod, pre Job, post Job
+    assert len(pods) == expected, [what for what, _, _ in pods]
+    for what, labels, creator in pods:
+        covering = [p for p in policies if selects(p, labels) and lifetime_covers(p, creator)]
+        assert covering, (what, [(p["metadata"]["name"], annotations(p)) for p in policies])
+    for policy in policies:
+        validate(policy)
+    # Not the application's own pods (the parent chart's), which share neither name nor component.
+    parent = render({"migrationRunner": {"job": {"enabled": job_enabled}, "networkPolicy": {"enabled": True},
+                                         "database": {"existingSecret": "", "url": URL}}}, chart=PARENT)
+    deployment_labels = only(parent, "Deployment")["spec"]["template"]["metadata"]["labels"]
+    assert not any(selects(p, deployment_labels) for p in parent if p["kind"] == "NetworkPolicy")
+
+
+# Finding 4: a drained node is not a failed drift check.
+def test_verify_cronjob_has_the_generated_pod_failure_policy():
+    docs = verify_docs()
+    spec = only(docs, "CronJob")["spec"]["jobTemplate"]["spec"]
+    validate(only(docs, "CronJob"))
+    rules = spec["podFailurePolicy"]["rules"]
+    assert rules == only(docs, "Job")["spec"]["podFailurePolicy"]["rules"]
+    (fail,) = [r for r in rules if r["action"] == "FailJob"]
+    assert set(fail["onExitCodes"]["values"]) == fatal_codes()
+    by_name = {row["name"]: row["code"] for row in exit_codes()}
+    for name in ("SchemaDrift", "DatabaseAhead", "ConfigError"):
+        assert by_name[name] in fail["onExitCodes"]["values"], name
+    for name in ("DatabaseUnreachable", "PendingRevisions"):
+        assert by_name[name] not in fail["onExitCodes"]["values"], name
+    assert {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]} in rules
+    assert 1 <= spec["backoffLimit"] <= 3
+    assert cron_pod(only(docs, "CronJob"))["restartPolicy"] == "Never"  # what podFailurePolicy requires
+    # Without the Job (init containers migrate), and with the policy turned off.
+    assert only(verify_docs({"job": {"enabled": False}}), "CronJob")["spec"]["jobTemplate"]["spec"]["podFailurePolicy"]
+    assert "podFailurePolicy" not in only(verify_docs({"job": {"podFailurePolicy": False}}),
+                                          "CronJob")["spec"]["jobTemplate"]["spec"]
+
+
+# Finding 5: the runner's UID reads the URL without fsGroup.
+def every_runner_pod(docs: list[dict]) -> list[tuple[str, dict]]:
+    pods = [(what, creator["spec"]["template"]["spec"] if creator["kind"] == "Job" else
+             cron_pod(creator) if creator["kind"] == "CronJob" else creator["spec"]) for what, _, creator in
+            chart_pods(docs)]
+    pods += [(d["metadata"]["name"], d["spec"]["template"]["spec"]) for d in docs if d["kind"] == "Deployment"]
+    return pods
+
+
+@pytest.mark.parametrize("security", [{}, {"podSecurityContext": {"fsGroup": None}},
+                                      {"global": {"compatibility": {"openshift": {"adaptSecurityContext": "force"}}}}])
+def test_secret_file_is_readable_by_the_runner_without_fs_group(security):
+    """A Secret volume's files belong to root (and to fsGroup, when set): the mode must let any UID read."""
+    values = deep_merge(deep_merge(EXPAND, security), {"verifyCronJob": {"enabled": True}})
+    docs = render(values, tests=True)
+    if security:  # the chart's own pods run without fsGroup
+        for what, pod in every_runner_pod(docs):
+            assert "fsGroup" not in pod.get("securityContext", {}), what
+    docs += render({"migrationRunner": {"job": {"enabled": True}, "database": {"existingSecret": "", "url": URL}}},
+                   chart=PARENT)
+    pods = every_runner_pod(docs)
+    # pre Job, post Job, test pod, CronJob; the parent's Job and Deployment (its wait container's volumes)
+    assert len(pods) == 6, [what for what, _ in pods]
+    for what, pod in pods:
+        secret = secret_source(docs, pod)
+        mode = secret.get("defaultMode", 0o644)
+        for item in secret.get("items", []):
+            mode = item.get("mode", mode)
+        assert mode & 0o004, (what, oct(mode))  # "other": whatever the runner's UID and groups
+        assert not mode & 0o222, (what, oct(mode))  # and never writable
+    for doc in docs:
+        validate(doc)
+
+
+# Finding 6: a failed hook prints the runner's summary in helm's own output.
+def test_hooks_print_their_logs_when_they_fail():
+    docs = render(EXPAND, tests=True)
+    for doc in [pre_job(docs), post_job(docs), only(docs, "Pod")]:
+        assert annotations(doc)["helm.sh/hook-output-log-policy"] == "hook-failed", doc["metadata"]["name"]
+    # Never on the resources that are not Jobs or Pods (Helm prints only those), nor outside mode hook.
+    for doc in docs:
+        if doc["kind"] not in ("Job", "Pod"):
+            assert "helm.sh/hook-output-log-policy" not in annotations(doc), doc["kind"]
+    for mode in ("argocd", "job"):
+        assert not any("helm.sh/hook-output-log-policy" in annotations(d)
+                       for d in render(deep_merge(EXPAND, {"mode": mode}), tests=True))
+    always = render(deep_merge(EXPAND, {"hook": {"outputLogPolicy": "hook-succeeded,hook-failed"}}))
+    assert annotations(post_job(always))["helm.sh/hook-output-log-policy"] == "hook-succeeded,hook-failed"
+    never = render(deep_merge(EXPAND, {"hook": {"outputLogPolicy": ""}}), tests=True)
+    assert not any("helm.sh/hook-output-log-policy" in annotations(d) for d in never)
+    # The runner's summary is its last log line, which is what Helm prints of the Job's pods.
+    readme = (CHART / "README.md").read_text()
+    assert "hook.outputLogPolicy" in readme and "Helm 3.18" in readme
+
+
+# Finding 7 and the expand/contract release: the chart README.
+def test_readme_documents_requirements_and_ttl_deleted_jobs():
+    readme = (CHART / "README.md").read_text()
+    requirements = readme.split("## Requirements", 1)[1].split("\n## ", 1)[0]
+    for needle in ("Helm 3.18 or later", "Helm 4", f"Kubernetes {KUBE_FLOOR.rsplit('.', 1)[0]} or later",
+                   "hook-output-log-policy"):
+        assert needle in requirements, needle
+    ttl = readme.split("### A Job its TTL deleted", 1)[1].split("\n## ", 1)[0]
+    for needle in ("job.ttlSecondsAfterFinished", "**`helm upgrade`**", "creates it", "**Flux**",
+                   "driftDetection", "mode `hook`"):
+        assert needle in ttl, needle
+
+
+def test_readme_expand_contract_release():
+    readme = (CHART / "README.md").read_text()
+    section = readme.split("## Expand and contract", 1)[1].split("\n## ", 1)[0]
+    for needle in ("config.target", "postUpgrade.target", "expand@head", "branch_labels", "0005", "0006",
+                   "--wait", "PostSync", "post-upgrade", "helm rollback", "allowAhead", "downgrade,0005",
+                   "templates/post-job.yaml", "--show-only"):
+        assert needle in section, needle
+    values = yaml.safe_load(re.search(r"```yaml\n(.*?)```", section, re.S).group(1))
+    for mode in MODES:
+        docs = render(deep_merge(values, {"mode": mode}), tests=True)
+        for doc in docs:
+            validate(doc)
+        assert env_of(container(docs, pre_job(docs)))["MIGRATE_TARGET"] == "expand@head"
+        assert env_of(container(docs, post_job(docs)))["MIGRATE_TARGET"] == "heads"
+        assert env_of(container(docs))["MIGRATE_ALLOW_MULTIPLE_HEADS"] == "true"
+    # The template the mode-job recipe applies on its own holds the post Job alone.
+    with helm.Chart.load(CHART) as loaded:
+        rendered = loaded.render(deep_merge(BASE, deep_merge(values, {"mode": "job"})), name="shop", namespace="shop")
+    (post_text,) = [text for path, text in rendered.items() if path.endswith("templates/post-job.yaml")]
+    (doc,) = [d for d in yaml.safe_load_all(post_text) if d]
+    assert doc["kind"] == "Job" and component(doc) == "post-migration"
+    # The notes say what orders the post Job in each mode.
+    assert "--wait" in notes(deep_merge(values, {"mode": "hook"}))
+    assert "PostSync" in notes(deep_merge(values, {"mode": "argocd"}))
+    assert "rolled out" in notes(deep_merge(values, {"mode": "job"}))
+    assert "post Job" not in notes()

@@ -285,6 +285,15 @@ catches unknown keys and wrong types; these are the rules across keys.
 {{- if and .Values.migrations.files (not .Values.migrations.existingConfigMap) (not (hasKey .Values.migrations.files "alembic.ini")) (not .Values.migrations.alembicConfig) }}
 {{- fail "migration-runner: migrations.files has no \"alembic.ini\"; add it or set migrations.alembicConfig" }}
 {{- end }}
+{{- /* Two paths that make the same ConfigMap key would render a duplicate key (one file lost, or refused). */}}
+{{- $keys := dict }}
+{{- range $path, $_ := .Values.migrations.files }}
+{{- $key := include "migration-runner.fileKey" $path }}
+{{- if hasKey $keys $key }}
+{{- fail (printf "migration-runner: migrations.files %q and %q both become the ConfigMap key %q (a ConfigMap key holds no \"/\": each other character than letters, digits, \"-\", \"_\" and \".\" is written \"__\"); rename one of them" (get $keys $key) $path $key) }}
+{{- end }}
+{{- $_ := set $keys $key $path }}
+{{- end }}
 {{- end }}
 {{- if and (eq .Values.migrations.source "volume") (not .Values.migrations.volume) }}
 {{- fail "migration-runner: migrations.source is volume but migrations.volume is empty; give a volume source such as {persistentVolumeClaim: {claimName: NAME}}" }}
@@ -315,23 +324,85 @@ catches unknown keys and wrong types; these are the rules across keys.
 
 {{/*
 Annotations of the resources the Job needs before it starts (hook copies of the
-Secret and ConfigMap, ServiceAccount, NetworkPolicy). A pre-install hook runs
-before the chart's ordinary resources exist, so in mode hook they are hooks
-themselves with a lower weight, and in mode argocd PreSync hooks in an earlier
-sync wave. In mode job, or without the Job, they are ordinary resources.
+Secret and ConfigMap, ServiceAccount, the Job's NetworkPolicy). A pre-install
+hook runs before the chart's ordinary resources exist, so in mode hook they are
+hooks themselves with a lower weight, and in mode argocd PreSync hooks in an
+earlier sync wave. In mode job, or without the Job, they are ordinary resources.
+Arguments (a dict): context, and post (true for the ServiceAccount): with
+postUpgrade.enabled it is also a hook of the post Job's events (post-install,
+post-upgrade; PostSync), created again before the post Job, since the delete
+policy that removes it after the pre hooks (hook-succeeded) would otherwise
+leave the post Job's pod without its ServiceAccount. The post Job mounts the
+ordinary Secret and ConfigMap, which exist by then.
 */}}
 {{- define "migration-runner.preJobAnnotations" -}}
-{{- if .Values.job.enabled }}
-{{- if eq .Values.mode "hook" }}
-helm.sh/hook: {{ include "migration-runner.hookEvents" . | quote }}
-helm.sh/hook-weight: {{ sub (int .Values.hook.weight) 1 | quote }}
-helm.sh/hook-delete-policy: {{ .Values.hook.deletePolicy | quote }}
-{{- else if eq .Values.mode "argocd" }}
-argocd.argoproj.io/hook: {{ .Values.argocd.hook | quote }}
-argocd.argoproj.io/sync-wave: {{ sub (int .Values.argocd.syncWave) 1 | quote }}
-argocd.argoproj.io/hook-delete-policy: {{ .Values.argocd.deletePolicy | quote }}
+{{- $v := .context.Values }}
+{{- $post := and .post $v.postUpgrade.enabled }}
+{{- if $v.job.enabled }}
+{{- if eq $v.mode "hook" }}
+{{- $events := splitList "," (include "migration-runner.hookEvents" .context) }}
+{{- if $post }}{{ $events = concat $events (list "post-install" "post-upgrade") | uniq }}{{ end }}
+helm.sh/hook: {{ join "," $events | quote }}
+helm.sh/hook-weight: {{ sub (int $v.hook.weight) 1 | quote }}
+helm.sh/hook-delete-policy: {{ $v.hook.deletePolicy | quote }}
+{{- else if eq $v.mode "argocd" }}
+{{- $hooks := list $v.argocd.hook }}
+{{- if $post }}{{ $hooks = append $hooks "PostSync" | uniq }}{{ end }}
+argocd.argoproj.io/hook: {{ join "," $hooks | quote }}
+argocd.argoproj.io/sync-wave: {{ sub (int $v.argocd.syncWave) 1 | quote }}
+argocd.argoproj.io/hook-delete-policy: {{ $v.argocd.deletePolicy | quote }}
 {{- end }}
 {{- end }}
+{{- end }}
+
+{{/*
+MIGRATE_TARGET once a release is done: postUpgrade.target when the post Job
+runs, config.target otherwise; what the verify CronJob and the helm test pod,
+which run between releases, answer for (an application's wait container answers
+for config.target: it starts between the pre and the post Job).
+*/}}
+{{- define "migration-runner.releaseTarget" -}}
+{{- if and .Values.job.enabled .Values.postUpgrade.enabled }}
+{{- .Values.postUpgrade.target }}
+{{- else }}
+{{- .Values.config.target }}
+{{- end }}
+{{- end }}
+
+{{/*
+The spec of a NetworkPolicy for the runner's pods of the given components (a
+dict: context, components): no ingress; egress to DNS, the database port and
+networkPolicy.extraEgress.
+*/}}
+{{- define "migration-runner.networkPolicySpec" -}}
+{{- $v := .context.Values -}}
+podSelector:
+  matchLabels:
+    {{- include "migration-runner.selectorLabels" .context | nindent 4 }}
+  matchExpressions:
+    - key: app.kubernetes.io/component
+      operator: In
+      values: {{ toJson .components }}
+policyTypes:
+  - Ingress
+  - Egress
+egress:
+  - ports:
+      - port: 53
+        protocol: UDP
+      - port: 53
+        protocol: TCP
+  - ports:
+      {{- /* never null: a rule without a port would open every TCP port */}}
+      - port: {{ $v.networkPolicy.databasePort | default 5432 }}
+        protocol: TCP
+    {{- with $v.networkPolicy.databasePeers }}
+    to:
+      {{- toYaml . | nindent 6 }}
+    {{- end }}
+  {{- with $v.networkPolicy.extraEgress }}
+  {{- tpl (toYaml .) $.context | nindent 2 }}
+  {{- end }}
 {{- end }}
 
 {{/* hook.events without spaces ("pre-install, pre-upgrade" is "pre-install,pre-upgrade"). */}}
@@ -339,31 +410,46 @@ argocd.argoproj.io/hook-delete-policy: {{ .Values.argocd.deletePolicy | quote }}
 {{- regexReplaceAll "\\s+" (.Values.hook.events | toString) "" }}
 {{- end }}
 
-{{/* Annotations of the Job itself, per mode. */}}
+{{/*
+Annotations of a Job itself, per mode. Arguments (a dict): context, post (the
+post Job: post-install,post-upgrade; PostSync). hook.outputLogPolicy has Helm
+(3.18+) print the pods' logs, the runner's summary last, in its own output.
+*/}}
 {{- define "migration-runner.jobAnnotations" -}}
+{{- $v := .context.Values }}
+{{- $post := .post | default false }}
 {{- $annotations := dict }}
-{{- if eq .Values.mode "hook" }}
-{{- $annotations = dict "helm.sh/hook" (include "migration-runner.hookEvents" .) "helm.sh/hook-weight" (int .Values.hook.weight | toString) "helm.sh/hook-delete-policy" .Values.hook.deletePolicy }}
-{{- else if eq .Values.mode "argocd" }}
-{{- $annotations = dict "argocd.argoproj.io/hook" .Values.argocd.hook "argocd.argoproj.io/sync-wave" (int .Values.argocd.syncWave | toString) "argocd.argoproj.io/hook-delete-policy" .Values.argocd.deletePolicy }}
+{{- if eq $v.mode "hook" }}
+{{- $annotations = dict "helm.sh/hook" ($post | ternary "post-install,post-upgrade" (include "migration-runner.hookEvents" .context)) "helm.sh/hook-weight" (int $v.hook.weight | toString) "helm.sh/hook-delete-policy" $v.hook.deletePolicy }}
+{{- with $v.hook.outputLogPolicy }}
+{{- $_ := set $annotations "helm.sh/hook-output-log-policy" . }}
 {{- end }}
-{{- $annotations = merge $annotations (.Values.job.annotations | default dict) }}
-{{- include "migration-runner.annotations" (dict "context" . "annotations" $annotations) }}
+{{- else if eq $v.mode "argocd" }}
+{{- $annotations = dict "argocd.argoproj.io/hook" ($post | ternary "PostSync" $v.argocd.hook) "argocd.argoproj.io/sync-wave" (int $v.argocd.syncWave | toString) "argocd.argoproj.io/hook-delete-policy" $v.argocd.deletePolicy }}
+{{- end }}
+{{- $annotations = merge $annotations ($v.job.annotations | default dict) }}
+{{- include "migration-runner.annotations" (dict "context" .context "annotations" $annotations) }}
 {{- end }}
 
 {{/*
-The Job's name: the full name for hooks (they delete the old Job first); in
+A Job's name: the full name for hooks (they delete the old Job first); in
 mode job the full name and job.nameSuffixOverride, or a hash of the Job's whole
 spec (a Job's pod template is immutable: any change makes a new Job), of the
 migrations and of the database URL without its password (never a secret: the
-name is readable by anyone who can list Jobs).
+name is readable by anyone who can list Jobs). The post Job's names have
+"post" before the suffix. Arguments (a dict): context, post.
 */}}
 {{- define "migration-runner.jobName" -}}
-{{- if eq .Values.mode "job" }}
-{{- $suffix := include "migration-runner.dnsLabel" (dict "name" .Values.job.nameSuffixOverride "max" 20) }}
-{{- include "migration-runner.suffixedName" (dict "context" . "suffix" ($suffix | default (include "migration-runner.settingsHash" .))) }}
+{{- $ctx := .context }}
+{{- $post := .post | default false }}
+{{- if eq $ctx.Values.mode "job" }}
+{{- $suffix := include "migration-runner.dnsLabel" (dict "name" $ctx.Values.job.nameSuffixOverride "max" 20) }}
+{{- $suffix = $suffix | default (include "migration-runner.settingsHash" .) }}
+{{- include "migration-runner.suffixedName" (dict "context" $ctx "suffix" ($post | ternary (printf "post-%s" $suffix) $suffix)) }}
+{{- else if $post }}
+{{- include "migration-runner.suffixedName" (dict "context" $ctx "suffix" "post") }}
 {{- else }}
-{{- include "migration-runner.fullname" . }}
+{{- include "migration-runner.fullname" $ctx }}
 {{- end }}
 {{- end }}
 
@@ -388,24 +474,29 @@ a percent-encoded "pass%77ord" is dropped like "password").
 {{- $url }}{{ with $kept }}?{{ join "&" . }}{{ end }}
 {{- end }}
 
-{{/* A short hash of everything that makes one migration run differ from another. */}}
+{{/* A short hash of everything that makes one migration run differ from another (a dict: context, post). */}}
 {{- define "migration-runner.settingsHash" -}}
-{{- $parts := list (include "migration-runner.jobSpec" .) (toJson .Values.migrations) (include "migration-runner.publicUrl" .) }}
+{{- $parts := list (include "migration-runner.jobSpec" .) (toJson .context.Values.migrations) (include "migration-runner.publicUrl" .context) }}
 {{- join "\n" $parts | sha256sum | trunc 8 }}
 {{- end }}
 
 {{/*
 Environment variables: each runner setting from values (the names are the
 runner's, see runner/settings.py). Arguments (a dict): context, and job (true
-only for the runner of the chart's own pods, the migration Job's and the verify
+only for the runner of the chart's own pods, the migration Jobs' and the verify
 CronJob's, where it is the pod's last work): MIGRATE_QUIT_URLS is set only
 there, since the runner POSTs those URLs as every command exits, and an
 application pod's init or wait container, or the helm test pod, would stop the
-pod's own proxies.
+pod's own proxies; target overrides config.target (MIGRATE_TARGET), e.g. the
+post Job's postUpgrade.target.
 */}}
 {{- define "migration-runner.env" -}}
 {{- $forJob := .job | default false }}
 {{- $v := .context.Values -}}
+{{- $config := $v.config | default dict }}
+{{- if hasKey . "target" }}
+{{- $config = merge (dict "target" .target) $config }}
+{{- end -}}
 - name: DATABASE_URL_FILE
   value: {{ printf "%s/url" (trimSuffix "/" $v.database.mountPath) | quote }}
 {{- with $v.database.passwordFile }}
@@ -448,12 +539,13 @@ pod's own proxies.
   "passwordCommand" "MIGRATE_PASSWORD_COMMAND"
   "passwordCommandTimeout" "MIGRATE_PASSWORD_COMMAND_TIMEOUT"
   "alembicSection" "ALEMBIC_SECTION"
-  "alembicXArgs" "ALEMBIC_X_ARGS" }}
+  "alembicXArgs" "ALEMBIC_X_ARGS"
+  "target" "MIGRATE_TARGET" }}
 {{- if not $forJob }}
 {{- $variables = omit $variables "quitUrls" }}
 {{- end }}
 {{- range $key, $name := $variables }}
-{{- $value := index ($v.config | default dict) $key }}
+{{- $value := index $config $key }}
 {{- if kindIs "slice" $value }}
 {{- $value = join "," $value }}
 {{- end }}
@@ -502,6 +594,8 @@ release; the chart's own Job passes "job" true for the ones it mounts.
 - name: migration-runner-database
   secret:
     secretName: {{ $forJob | ternary (include "migration-runner.jobSecretName" $ctx) (include "migration-runner.secretName" $ctx) | quote }}
+    {{- /* 0444: readable by the runner's UID whatever the fsGroup (OpenShift drops it, a
+    podSecurityContext may leave it out); only this pod's containers see the file. */}}
     defaultMode: {{ .defaultMode | default 0444 }}
     items:
       - key: {{ include "migration-runner.secretKey" $ctx | quote }}
@@ -540,7 +634,8 @@ The runner container. Arguments (a dict):
   name     the container name (default "migration-runner")
   command  overrides values "command" (a list; empty keeps the image's ENTRYPOINT)
   args     overrides values "args" (a list, e.g. (list "wait"))
-  job      true only for the runner of the migration Job and the verify CronJob (config.quitUrls is for them alone)
+  job      true only for the runner of the migration Jobs and the verify CronJob (config.quitUrls is for them alone)
+  target   overrides config.target (MIGRATE_TARGET)
 */}}
 {{- define "migration-runner.container" -}}
 {{- $ctx := .context }}
@@ -559,7 +654,9 @@ The runner container. Arguments (a dict):
     {{- toYaml . | nindent 4 }}
   {{- end }}
   env:
-    {{- include "migration-runner.env" (dict "context" $ctx "job" (.job | default false)) | trim | nindent 4 }}
+    {{- $env := dict "context" $ctx "job" (.job | default false) }}
+    {{- if hasKey . "target" }}{{ $_ := set $env "target" .target }}{{ end }}
+    {{- include "migration-runner.env" $env | trim | nindent 4 }}
   {{- with concat ($v.envFrom | default list) ($v.extraEnvFrom | default list) }}
   envFrom:
     {{- toYaml . | nindent 4 }}
@@ -582,18 +679,22 @@ The pod template of the runner's own pods (the migration Job's, the verify
 CronJob's). Arguments (a dict):
   context    the chart context (required)
   component  the app.kubernetes.io/component label of the pod
-  job        true only for the migration Job: its ServiceAccount and, in modes
-             hook and argocd, the hook copies of the Secret and ConfigMap; other
-             pods mount the ordinary ones, which outlive the hooks
+  job        true only for the migration Jobs: the chart's ServiceAccount
+  copies     mount the hook copies of the Secret and ConfigMap (default: job;
+             they are the pre Job's, in modes hook and argocd); other pods mount
+             the ordinary ones, which outlive the hooks
   quitUrls   pass config.quitUrls to the runner (default: job)
   args       overrides values "args" (a list)
+  target     overrides config.target (MIGRATE_TARGET)
 */}}
 {{- define "migration-runner.podTemplate" -}}
 {{- $ctx := .context }}
 {{- $v := $ctx.Values }}
 {{- $forJob := .job | default false }}
+{{- $copies := hasKey . "copies" | ternary .copies $forJob }}
 {{- $container := dict "context" $ctx "job" (hasKey . "quitUrls" | ternary .quitUrls $forJob) }}
 {{- if hasKey . "args" }}{{ $_ := set $container "args" .args }}{{ end -}}
+{{- if hasKey . "target" }}{{ $_ := set $container "target" .target }}{{ end -}}
 metadata:
   {{- $labels := include "migration-runner.selectorLabels" $ctx | fromYaml }}
   {{- $_ := set $labels "app.kubernetes.io/component" .component }}
@@ -644,7 +745,7 @@ spec:
     {{- tpl (toYaml .) $ctx | nindent 4 }}
     {{- end }}
   volumes:
-    {{- include "migration-runner.volumes" (dict "chart" $ctx "defaultMode" 0440 "job" $forJob) | trim | nindent 4 }}
+    {{- include "migration-runner.volumes" (dict "chart" $ctx "job" $copies) | trim | nindent 4 }}
   {{- with $v.nodeSelector }}
   nodeSelector:
     {{- toYaml . | nindent 4 }}
@@ -664,30 +765,23 @@ spec:
 {{- end }}
 
 {{/*
-The spec of the migration Job (everything but its metadata): the Job's name in
-mode job carries its hash.
+The podFailurePolicy of the runner's Jobs (the migration Jobs', the verify
+CronJob's), from the runner's exit-code table (files/exit-codes.json, generated
+from runner/errors.py): fail the Job at once on a code a retry cannot fix,
+ignore pod disruptions; nothing with job.podFailurePolicy false.
 */}}
-{{- define "migration-runner.jobSpec" -}}
+{{- define "migration-runner.podFailurePolicy" -}}
 {{- $table := .Files.Get "files/exit-codes.json" }}
 {{- if not (regexMatch "^\\s*\\[\\s*\\{" $table) }}
 {{- fail "migration-runner: files/exit-codes.json is missing or not the runner's exit-code table; regenerate it with helm/update-exit-codes.sh" }}
 {{- end }}
-{{- $codes := $table | fromJsonArray -}}
-backoffLimit: {{ .Values.job.backoffLimit }}
-{{- with .Values.job.activeDeadlineSeconds }}
-activeDeadlineSeconds: {{ . }}
-{{- end }}
-{{- if and (eq .Values.mode "job") (not (kindIs "invalid" .Values.job.ttlSecondsAfterFinished)) }}
-ttlSecondsAfterFinished: {{ .Values.job.ttlSecondsAfterFinished }}
-{{- end }}
 {{- if .Values.job.podFailurePolicy }}
-{{- /* Exit codes from the runner's table (files/exit-codes.json, generated from runner/errors.py). */}}
 {{- $fatal := list }}
-{{- range $codes }}
+{{- range ($table | fromJsonArray) }}
 {{- if and (not .retryable) (ne (int .code) 0) }}
 {{- $fatal = append $fatal (int .code) }}
 {{- end }}
-{{- end }}
+{{- end -}}
 podFailurePolicy:
   rules:
     {{- with $fatal }}
@@ -704,8 +798,34 @@ podFailurePolicy:
         - type: DisruptionTarget
           status: "True"
 {{- end }}
+{{- end }}
+
+{{/*
+The spec of a migration Job (everything but its metadata): the Job's name in
+mode job carries its hash. Arguments (a dict): context, post (the post Job:
+component post-migration, postUpgrade.target, the ordinary Secret and
+ConfigMap; the pre Job runs config.target with the hook copies).
+*/}}
+{{- define "migration-runner.jobSpec" -}}
+{{- $ctx := .context }}
+{{- $v := $ctx.Values }}
+{{- $post := .post | default false -}}
+backoffLimit: {{ $v.job.backoffLimit }}
+{{- with $v.job.activeDeadlineSeconds }}
+activeDeadlineSeconds: {{ . }}
+{{- end }}
+{{- if and (eq $v.mode "job") (not (kindIs "invalid" $v.job.ttlSecondsAfterFinished)) }}
+ttlSecondsAfterFinished: {{ $v.job.ttlSecondsAfterFinished }}
+{{- end }}
+{{- with include "migration-runner.podFailurePolicy" $ctx | trim }}
+{{ . }}
+{{- end }}
+{{- $pod := dict "context" $ctx "component" "migration" "job" true "target" $v.config.target }}
+{{- if $post }}
+{{- $pod = dict "context" $ctx "component" "post-migration" "job" true "copies" false "target" $v.postUpgrade.target }}
+{{- end }}
 template:
-  {{- include "migration-runner.podTemplate" (dict "context" . "component" "migration" "job" true) | trim | nindent 2 }}
+  {{- include "migration-runner.podTemplate" $pod | trim | nindent 2 }}
 {{- end }}
 
 {{/*
