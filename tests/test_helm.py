@@ -2102,7 +2102,7 @@ def test_readme_expand_contract_release():
     readme = (CHART / "README.md").read_text()
     section = readme.split("## Expand and contract", 1)[1].split("\n## ", 1)[0]
     for needle in ("config.target", "postUpgrade.target", "expand@head", "branch_labels", "0005", "0006",
-                   "--wait", "PostSync", "post-upgrade", "helm rollback", "allowAhead", "downgrade,0005",
+                   "--wait", "PostSync", "post-upgrade", "helm rollback", "allowAhead", "downgrade,0004",
                    "templates/post-job.yaml", "--show-only"):
         assert needle in section, needle
     values = yaml.safe_load(re.search(r"```yaml\n(.*?)```", section, re.S).group(1))
