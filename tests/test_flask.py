@@ -24,6 +24,9 @@ from .conftest import (RUNNER_PASSWORD, RUNNER_ROLE, Result, advisory_locks, fin
                        start_runner, tables, version_rows)
 from .fidelity import Twins
 
+# Also run on SQLAlchemy 1.4 (python3 dev.py test-sa14).
+pytestmark = pytest.mark.core
+
 APP_SOURCE = Path(__file__).resolve().parent / "flask_app"
 FLASK = shutil.which("flask", path=str(Path(sys.executable).parent)) or "flask"
 
