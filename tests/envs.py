@@ -18,6 +18,8 @@ import sqlalchemy
 SQLALCHEMY_14 = int(sqlalchemy.__version__.split(".")[0]) < 2
 # What SQLAlchemy, so env.py, reads `postgresql://` as: psycopg 3 from SQLAlchemy 2.0, psycopg2 before.
 DEFAULT_DRIVER = "psycopg2" if SQLALCHEMY_14 else "psycopg"
+# create_engine's keyword arguments for the 2.0-style Connection (commit as you go) on either version.
+FUTURE = {"future": True} if SQLALCHEMY_14 else {}
 PSYCOPG3_DRIVERS = ("psycopg", "psycopg_async")
 NO_PSYCOPG3 = (f"SQLAlchemy {sqlalchemy.__version__} has no psycopg 3 dialect (postgresql+psycopg and "
                "+psycopg_async came with SQLAlchemy 2.0)")
