@@ -38,6 +38,19 @@ def test_a_psycopg3_url_under_sqlalchemy_14_is_exit_2_naming_the_version(project
     assert version_rows(database_url) == []
 
 
+@only_on_14
+@pytest.mark.parametrize("url, words", [
+    ("postgresql+asyncpg://u:pw@/db?host=a:5432&host=b:5432", "asyncpg dialect of SQLAlchemy"),
+    ("postgresql+asyncpg://u:pw@/db?host=a,b&port=5432,5432", "asyncpg dialect of SQLAlchemy"),
+    ("postgresql://u:pw@/db?host=a:6432", "reads ?host=HOST:PORT as a host name"),
+])
+def test_host_forms_sqlalchemy_14_misreads_are_exit_2_before_connecting(project, url, words):
+    # The runner's own sessions read them; env.py's dialect would not, and fail only once the lock is held.
+    result = run_runner(runner_env(url, project), "check")
+    assert result.returncode == 2 and words in result.last["event"], result
+    assert sqlalchemy.__version__ in result.last["event"] and "pw@" not in result.output
+
+
 @pytest.mark.parametrize("scheme", ["postgresql", "postgres"])
 def test_the_plain_schemes_mean_the_installed_sqlalchemys_default_driver(monkeypatch, scheme):
     from runner.settings import Settings
