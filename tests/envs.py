@@ -37,12 +37,6 @@ def driver_params(drivers=DRIVERS) -> list:
             for d in drivers]
 
 
-def skip_without_psycopg3_dialect() -> None:
-    """Skip the running test under SQLAlchemy 1.4, for one that needs SQLAlchemy's psycopg 3 dialect."""
-    if SQLALCHEMY_14:
-        pytest.skip(NO_PSYCOPG3)
-
-
 def _configure_args(options: dict) -> str:
     """Extra keyword arguments for context.configure, as source text."""
     return "".join(f", {name}={value!r}" for name, value in options.items())
