@@ -30,7 +30,7 @@ from psycopg import sql
 from sqlalchemy import event, pool
 from sqlalchemy.engine import URL
 
-from . import database, envpy, revisions, sessions
+from . import database, envpy, guard, revisions, sessions
 from .errors import ConfigError, DatabaseUnreachable, LegacyDatabase, LockTimeout, RunnerError
 from .lock import Lock, key_for, lock_ids
 
@@ -134,6 +134,7 @@ def compare(legacy: dict, built: dict) -> list[str]:
 def _build(config: Config, baseline: str, env_scratch: URL, lock: Lock) -> None:
     """`alembic upgrade <baseline>` through env.py, on the scratch database and nowhere else."""
     elsewhere: list[str] = []
+    opened: list = []  # env.py's connections to the scratch database, for a signal to sever
 
     def only_scratch(dbapi_connection, record, proxy) -> None:
         # env.py may build its engine from something other than sqlalchemy.url (Flask-Migrate's takes the
@@ -143,13 +144,16 @@ def _build(config: Config, baseline: str, env_scratch: URL, lock: Lock) -> None:
         if proven or name != env_scratch.database:
             elsewhere.append(name)
             raise ConfigError(f"env.py connected to {name!r}, not to the scratch database")
+        opened.append(dbapi_connection)
 
     saved = os.environ.get("DATABASE_URL")
     # env.py that reads DATABASE_URL itself (a common pattern) builds the scratch schema too.
     os.environ["DATABASE_URL"] = env_scratch.render_as_string(hide_password=False)
     event.listen(pool.Pool, "checkout", only_scratch)
     try:
-        with envpy.no_exit(), revisions.quietly():  # its "Running upgrade" lines would read as the real run's
+        # Quietly: its "Running upgrade" lines would read as the real run's. Outside the guard (nothing is
+        # written where the lock is), so a signal cuts the build's sessions itself.
+        with envpy.no_exit(), revisions.quietly(), guard.interruptible(opened):
             alembic_command.upgrade(config, baseline)
     except Exception as e:
         if elsewhere:

@@ -108,6 +108,26 @@ def guarded_by(lock: Lock, *, interval: float = 0.2, grace: float = CHECK_GRACE,
 # The watchdog of the migration under way, for a signal to reach.
 _active: Watchdog | None = None
 
+# Connections a signal severs besides the migration's (`interruptible`): work outside the guard.
+_interruptible: list = []
+
+
+@contextmanager
+def interruptible(connections: list) -> Iterator[None]:
+    """Inside the `with`, a SIGTERM or SIGINT severs the DBAPI connections in `connections` (any driver,
+    appended as they are made).
+
+    For work that runs through env.py outside the guard (the baseline's scratch build), where no
+    watchdog can cancel the statement on the server: severed, a driver blocked in C (psycopg2) returns
+    at once, and the signal's handler runs. What the severed session leaves on the server goes with
+    the scratch database it was building.
+    """
+    _interruptible.append(connections)
+    try:
+        yield
+    finally:
+        _interruptible.remove(connections)
+
 
 def cancel_on_signals() -> None:
     """On SIGTERM or SIGINT, cancel the statements in flight on the server, whatever the driver.
@@ -126,6 +146,9 @@ def cancel_on_signals() -> None:
             watchdog = _active
             if watchdog is not None:
                 watchdog.cancel_in_flight()
+            for connections in list(_interruptible):
+                for connection in list(connections):
+                    database.sever(connection)
 
     threading.Thread(target=wait_for_signals, name="signal-cancel", daemon=True).start()
 

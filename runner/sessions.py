@@ -1,4 +1,4 @@
-"""The runner's own sessions (wait, lock, checks, read-backs): psycopg 3 connections made from the URL, not through SQLAlchemy."""
+"""The runner's own sessions (wait, lock, checks, read-backs): psycopg 3 from the URL, without SQLAlchemy."""
 
 from __future__ import annotations
 

@@ -19,7 +19,8 @@ from .errors import ConfigError
 
 INT64 = 2**63
 
-SQLALCHEMY_2 = int(SQLALCHEMY_VERSION.split(".")[0]) >= 2
+SQLALCHEMY_VERSION_INFO = tuple(int(part) for part in re.findall(r"\d+", SQLALCHEMY_VERSION)[:3])
+SQLALCHEMY_2 = SQLALCHEMY_VERSION_INFO >= (2,)
 # What the plain schemes mean to env.py: psycopg 3 under SQLAlchemy 2; under 1.4, which has no
 # psycopg 3 dialect, psycopg2, 1.4's own default for postgresql://.
 PLAIN_DRIVER = "postgresql+psycopg" if SQLALCHEMY_2 else "postgresql+psycopg2"
@@ -259,7 +260,22 @@ def parse_url(raw: str, name: str = "DATABASE_URL") -> URL:
         raise ConfigError(f"{name}: pg8000 cannot connect to a list of hosts; use "
                           f"{'postgresql+psycopg, ' if SQLALCHEMY_2 else ''}postgresql+psycopg2 or "
                           f"postgresql+asyncpg for a multi-host URL")
+    _refuse_what_older_dialects_cannot_read(url, servers, name)
     return url.set(drivername=DRIVERS[url.drivername])
+
+
+def _refuse_what_older_dialects_cannot_read(url: URL, servers: list, name: str) -> None:
+    """Exit 2 for host forms the installed SQLAlchemy's dialect for env.py would misread (it would only
+    fail as env.py connects, after the runner's own sessions, which read them, took the lock)."""
+    if len(servers) > 1 and url.drivername == "postgresql+asyncpg" and SQLALCHEMY_VERSION_INFO < (2, 0, 18):
+        raise ConfigError(f"{name}: the asyncpg dialect of SQLAlchemy {SQLALCHEMY_VERSION} cannot connect to a "
+                          f"list of hosts (SQLAlchemy 2.0.18 and later can); use postgresql+psycopg2 for a "
+                          f"multi-host URL")
+    host = url.query.get("host")
+    if not SQLALCHEMY_2 and isinstance(host, str) and "port" not in url.query and re.fullmatch(r"[^,:]+:\d*", host):
+        # SQLAlchemy 1.4 hands a single host=HOST:PORT to the driver as a host name.
+        raise ConfigError(f"{name}: SQLAlchemy {SQLALCHEMY_VERSION} reads ?host=HOST:PORT as a host name; write "
+                          f"?host=HOST&port=PORT")
 
 
 # Drivers SQLAlchemy 1.4 has no dialect for, and what to use instead under it.

@@ -23,6 +23,18 @@ RUNNER_ROLE = "runner"
 RUNNER_PASSWORD = "p%w@rd:/#?&=x y'\"z"
 
 
+def pytest_report_header(config) -> str:
+    """Which SQLAlchemy and alembic this run is on (dev.py test runs the suite on the newest, then the `core`
+    subset on SQLAlchemy 1.4), and the driver env.py's `postgresql://` URL means there."""
+    import alembic
+    import sqlalchemy
+
+    from .envs import DEFAULT_DRIVER
+
+    return (f"sqlalchemy {sqlalchemy.__version__}, alembic {alembic.__version__}; "
+            f"env.py's driver for postgresql://: {DEFAULT_DRIVER}")
+
+
 @pytest.fixture(scope="session")
 def postgres():
     server = Postgres().start()

@@ -1,16 +1,40 @@
 """env.py sources for the fidelity tests, each a function returning the text of an env.py.
 
 Every env.py reads sqlalchemy.url as alembic and the runner both set it
-(`postgresql+psycopg://...`) and, where it builds its own engine, switches the
-driver itself the way projects do: `make_url(url).set(drivername=...)`.
+(`postgresql+psycopg://...` under SQLAlchemy 2, `postgresql+psycopg2://...` under
+1.4) and, where it builds its own engine, switches the driver itself the way
+projects do: `make_url(url).set(drivername=...)`.
+
+The SQLAlchemy installed decides, here and only here, which driver a plain
+`postgresql://` URL means (DEFAULT_DRIVER) and which drivers env.py can use at all
+(driver_params: psycopg 3 cases are skipped under 1.4, which has no dialect for it).
 """
 
 from __future__ import annotations
 
+import pytest
+import sqlalchemy
+
+SQLALCHEMY_14 = int(sqlalchemy.__version__.split(".")[0]) < 2
+# What SQLAlchemy, so env.py, reads `postgresql://` as: psycopg 3 from SQLAlchemy 2.0, psycopg2 before.
+DEFAULT_DRIVER = "psycopg2" if SQLALCHEMY_14 else "psycopg"
+# create_engine's keyword arguments for the 2.0-style Connection (commit as you go) on either version.
+FUTURE = {"future": True} if SQLALCHEMY_14 else {}
+PSYCOPG3_DRIVERS = ("psycopg", "psycopg_async")
+NO_PSYCOPG3 = (f"SQLAlchemy {sqlalchemy.__version__} has no psycopg 3 dialect (postgresql+psycopg and "
+               "+psycopg_async came with SQLAlchemy 2.0)")
+
 SYNC_DRIVERS = ("psycopg", "psycopg2", "pg8000")
 ASYNC_DRIVERS = ("asyncpg", "psycopg_async")
 DRIVERS = SYNC_DRIVERS + ASYNC_DRIVERS
-FOREIGN_DRIVERS = tuple(d for d in DRIVERS if d != "psycopg")
+FOREIGN_DRIVERS = tuple(d for d in DRIVERS if d != DEFAULT_DRIVER)
+
+
+def driver_params(drivers=DRIVERS) -> list:
+    """`drivers` for pytest.mark.parametrize, the psycopg 3 ones skipped (with the reason) under SQLAlchemy 1.4."""
+    return [pytest.param(d, id=d, marks=pytest.mark.skipif(SQLALCHEMY_14 and d in PSYCOPG3_DRIVERS,
+                                                            reason=NO_PSYCOPG3))
+            for d in drivers]
 
 
 def _configure_args(options: dict) -> str:
@@ -25,7 +49,7 @@ def _url_lines(driver: str, database: str | None) -> str:
     return f'url = make_url(config.get_main_option("sqlalchemy.url")).set({changes})'
 
 
-def own_engine(driver: str = "psycopg", database: str | None = None, **configure) -> str:
+def own_engine(driver: str = DEFAULT_DRIVER, database: str | None = None, **configure) -> str:
     """env.py that builds its own engine with `driver`: sync like `alembic init`'s generic
     template, async (asyncpg, psycopg_async) like `alembic init -t async`.
 

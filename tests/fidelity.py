@@ -22,13 +22,15 @@ from pgserver._commands import POSTGRES_BIN_PATH
 from runner.lineage import MARK
 
 from .conftest import RUNNER_PASSWORD, RUNNER_ROLE, Result, run_runner, runner_env
+from .envs import DEFAULT_DRIVER
 from .postgres import Postgres
 
 ALEMBIC = shutil.which("alembic", path=str(Path(sys.executable).parent)) or "alembic"
 
 
-def sqlalchemy_url(libpq_url: str, driver: str = "psycopg") -> str:
-    """The URL as env.py receives it in sqlalchemy.url for a `postgresql://` DATABASE_URL."""
+def sqlalchemy_url(libpq_url: str, driver: str = DEFAULT_DRIVER) -> str:
+    """The URL as env.py receives it in sqlalchemy.url for a `postgresql://` DATABASE_URL (by default, with the
+    driver the installed SQLAlchemy reads `postgresql://` as)."""
     return libpq_url.replace("postgresql://", f"postgresql+{driver}://", 1)
 
 
@@ -102,7 +104,7 @@ class Twins:
     def url(self, which: str) -> str:
         return self.postgres.url(getattr(self, which), RUNNER_ROLE, RUNNER_PASSWORD)
 
-    def run_alembic(self, ini: Path, *args: str, driver: str = "psycopg", env: dict | None = None) -> Result:
+    def run_alembic(self, ini: Path, *args: str, driver: str = DEFAULT_DRIVER, env: dict | None = None) -> Result:
         return run_alembic(ini, sqlalchemy_url(self.url("plain"), driver), *args, env=env)
 
     def run_runner(self, ini: Path, *args: str, **extra: str) -> Result:

@@ -16,10 +16,13 @@ import pytest
 
 from .conftest import (RUNNER_PASSWORD, RUNNER_ROLE, advisory_locks, finish, run_runner, runner_env, start_runner,
                        version_rows)
-from .fidelity import schema_dump
+from .fidelity import schema_dump, sqlalchemy_url
 from .postgres import Postgres
 from .projects import Rev, make_project
 from .test_cli import wait_for
+
+# Also run on SQLAlchemy 1.4 (python3 dev.py test-sa14).
+pytestmark = pytest.mark.core
 
 USERS = ("CREATE TABLE users (id serial PRIMARY KEY, email varchar(100) NOT NULL, name text)",
          "CREATE UNIQUE INDEX ix_users_email ON users (email)")
@@ -165,7 +168,7 @@ def test_env_py_on_the_real_database_is_stopped_even_when_the_scratch_has_its_na
         # env.py with the application's own URL baked in, as Flask-Migrate's takes the application's.
         env.write_text(env.read_text().replace(
             'config.get_section(config.config_ini_section, {})',
-            f'{{"sqlalchemy.url": {database_url.replace("postgresql://", "postgresql+psycopg://")!r}}}'))
+            f'{{"sqlalchemy.url": {sqlalchemy_url(database_url)!r}}}'))
         legacy(database_url, *USERS)  # b0002's orders table is missing: a build here would add it
         before = schema_dump(postgres, database)
         result = run_runner(verifying(database_url, ini, MIGRATE_SCRATCH_DATABASE_URL=scratch_url), "upgrade")
@@ -183,7 +186,7 @@ def test_env_py_that_ignores_the_url_is_stopped_before_it_writes(tmp_path, postg
     # env.py with the application's own URL baked in: it would build the baseline on the real database.
     env.write_text(env.read_text().replace(
         'config.get_section(config.config_ini_section, {})',
-        f'{{"sqlalchemy.url": {database_url.replace("postgresql://", "postgresql+psycopg://")!r}}}'))
+        f'{{"sqlalchemy.url": {sqlalchemy_url(database_url)!r}}}'))
     legacy(database_url, *USERS, *ORDERS)
     before = schema_dump(postgres, database)
     result = run_runner(verifying(database_url, ini), "upgrade")

@@ -19,10 +19,16 @@ import pytest
 
 from .conftest import (RUNNER_PASSWORD, RUNNER_ROLE, advisory_locks, assert_consistent, finish, run_runner,
                        runner_env, start_runner, tables, version_rows)
+from .envs import DEFAULT_DRIVER, driver_params
 from .postgres import SYSTEM_USER, Postgres, _as_root, _ids, free_port
 from .projects import Rev, chain, make_project
 from .proxy import Proxy, TlsTerminator
 from .test_cli import running_query, slow_project, wait_for
+
+# Marked `core`, the lean part of this module that also runs on SQLAlchemy 1.4 (python3 dev.py test-sa14):
+# the faults that go through env.py's driver and the guard (a cut or half-open lock session, signals, DDL lock
+# retries, SQLSTATEs read from a driver's error, TLS). Not there: what depends on neither SQLAlchemy nor the
+# driver and costs much (fifty runners, restarts of servers of their own, the runner's half-open sessions).
 
 
 @pytest.fixture
@@ -94,8 +100,8 @@ def sleeping_pid(postgres: Postgres, database: str) -> int:
 
 
 # -- the lock and the migration fail together -------------------------------------
-# The runner sets sqlalchemy.url to DATABASE_URL as postgresql+psycopg://; a project on
-# another driver swaps it in env.py before building its engine.
+# The runner sets sqlalchemy.url to DATABASE_URL as postgresql+psycopg:// (postgresql+psycopg2://
+# under SQLAlchemy 1.4); a project on another driver swaps it in env.py before building its engine.
 SWAP_DRIVER = '''
 from sqlalchemy.engine import make_url
 config.set_main_option("sqlalchemy.url", make_url(config.get_main_option("sqlalchemy.url"))
@@ -104,9 +110,10 @@ config.set_main_option("sqlalchemy.url", make_url(config.get_main_option("sqlalc
 
 
 def use_driver(root: Path, driver: str) -> None:
-    """Make the project's env.py connect through `driver`: psycopg (the generic template as it is),
-    psycopg2 (the generic template) or asyncpg (the template `alembic init -t async` writes)."""
-    if driver == "psycopg":
+    """Make the project's env.py connect through `driver`: the default one (the generic template as it
+    is: psycopg, or psycopg2 under SQLAlchemy 1.4), psycopg or psycopg2 (the generic template), or asyncpg
+    (the template `alembic init -t async` writes)."""
+    if driver == DEFAULT_DRIVER:
         return
     if driver == "asyncpg":
         import alembic
@@ -120,7 +127,8 @@ def use_driver(root: Path, driver: str) -> None:
     env_py.write_text(text.replace(anchor, anchor + SWAP_DRIVER.format(drivername=f"postgresql+{driver}"), 1))
 
 
-@pytest.mark.parametrize("driver", ["psycopg", "psycopg2", "asyncpg"])
+@pytest.mark.core
+@pytest.mark.parametrize("driver", driver_params(["psycopg", "psycopg2", "asyncpg"]))
 def test_cutting_the_lock_session_stops_the_migration_before_another_runner_migrates(
         postgres, database, database_url, proxy, tmp_path, driver):
     ini = slow_project(tmp_path / "p", seconds=6)
@@ -190,6 +198,7 @@ def test_half_open_network_is_noticed_and_the_next_runner_succeeds(postgres, dat
     no_locks_left(postgres, database)
 
 
+@pytest.mark.core
 def test_half_open_migration_connection_alone_is_noticed(postgres, database, database_url, proxy, tmp_path):
     # The lock's session stays healthy; only the reply to the migration statement is lost.
     ini = make_project(tmp_path / "p", [Rev("r0001", None, ["CREATE TABLE r_1 (id int)"]),
@@ -284,6 +293,7 @@ def test_fifty_runners_on_a_fresh_database_with_200_revisions(postgres, tmp_path
 
 
 # -- CREATE INDEX CONCURRENTLY while others wait ----------------------------------------------
+@pytest.mark.core
 def test_create_index_concurrently_while_runners_wait(postgres, database, database_url, tmp_path):
     concurrently = Rev("r0002", "r0001", python='''
 op.execute("SELECT pg_sleep(2)")
@@ -336,6 +346,7 @@ def _traffic(url: str, stop: threading.Event, latencies: list[float]) -> None:
             time.sleep(0.02)
 
 
+@pytest.mark.core
 @pytest.mark.parametrize("holder_leaves_after", [None, 2.5])
 def test_ddl_lock_timeout_retries_then_names_the_blocking_session(postgres, database, database_url, tmp_path,
                                                                    holder_leaves_after):
@@ -385,6 +396,7 @@ def _columns(url: str, table: str) -> list[str]:
                                            "WHERE table_name = %s", (table,))]
 
 
+@pytest.mark.core
 def test_retries_do_not_apply_to_other_failures(database_url, tmp_path):
     ini = make_project(tmp_path / "p", [Rev("r0001", None, ["SELECT 1/0"])])
     result = run_runner(runner_env(database_url, ini, MIGRATE_DDL_LOCK_TIMEOUT="1", MIGRATE_DDL_LOCK_RETRIES="3"))
@@ -419,6 +431,7 @@ def tls_server(postgres, tmp_path_factory):
         yield tls, certs
 
 
+@pytest.mark.core
 @pytest.mark.parametrize("case", ["right", "wrong CA", "wrong host"])
 def test_tls_verify_full(tls_server, postgres, database, database_url, tmp_path, case):
     tls, certs = tls_server
@@ -443,6 +456,7 @@ def test_tls_verify_full(tls_server, postgres, database, database_url, tmp_path,
 
 
 # -- least privilege ------------------------------------------------------------------------
+@pytest.mark.core
 def test_migrator_role_succeeds_and_application_role_exits_7_naming_the_object(postgres, tmp_path):
     suffix = f"{os.getpid()}_{int(time.time() * 1000) % 100000}"
     db, migrator, app = f"t_priv_{suffix}", f"migrator_{suffix}", f"app_{suffix}"
@@ -492,6 +506,7 @@ with connectable.connect() as connection:
 '''
 
 
+@pytest.mark.core
 @pytest.mark.parametrize("driver", ["psycopg2", "asyncpg"])
 def test_sigterm_inside_a_revision_cancels_it_whatever_the_driver(postgres, database, database_url, tmp_path, driver):
     # psycopg2 waits for a statement in C with Python's signal handler held back: the runner must
@@ -513,6 +528,7 @@ def test_sigterm_inside_a_revision_cancels_it_whatever_the_driver(postgres, data
 
 
 # SIGTERM while waiting for the database or the lock is in test_cli already.
+@pytest.mark.core
 @pytest.mark.parametrize("phase, signum", [
     ("waiting for the database", signal.SIGKILL), ("waiting for the lock", signal.SIGKILL),
     ("stamping", signal.SIGKILL), ("stamping", signal.SIGTERM),

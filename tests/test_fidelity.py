@@ -19,6 +19,9 @@ from .conftest import RUNNER_ROLE, Result, advisory_locks, run_runner, runner_en
 from .fidelity import Twins, version_table_rows
 from .projects import Rev, add_revisions, chain, make_project, write_env
 
+# Also run on SQLAlchemy 1.4 (python3 dev.py test-sa14).
+pytestmark = pytest.mark.core
+
 
 # -- helpers ----------------------------------------------------------------------------------
 def revisions(n: int) -> list[str]:
@@ -78,7 +81,7 @@ def fetch_one(url: str, sql: str) -> tuple:
 
 
 # -- 1. env.py with its own engine, on each driver ----------------------------------------------
-@pytest.mark.parametrize("driver", envs.DRIVERS)
+@pytest.mark.parametrize("driver", envs.driver_params())
 def test_own_engine_upgrade_matches_alembic(postgres, tmp_path, driver):
     ini = project(tmp_path, chain(4), envs.own_engine(driver))
     twins = Twins.create(postgres)
@@ -94,7 +97,7 @@ def test_own_engine_upgrade_matches_alembic(postgres, tmp_path, driver):
     assert_runner_honest(twins, result)
 
 
-@pytest.mark.parametrize("driver", envs.DRIVERS)
+@pytest.mark.parametrize("driver", envs.driver_params())
 def test_own_engine_failing_revision_matches_alembic(postgres, tmp_path, driver):
     ini = project(tmp_path, failing_at(4, 3, "SELECT 1/0"), envs.own_engine(driver))
     twins = Twins.create(postgres)
@@ -259,7 +262,7 @@ FENCE_REV = Rev("r0001", None, [
     "AND locktype = 'advisory' AND mode = 'ShareLock' AND granted) AS held"])
 
 
-@pytest.mark.parametrize("driver", envs.DRIVERS)
+@pytest.mark.parametrize("driver", envs.driver_params())
 def test_migration_sessions_carry_the_settings(database_url, tmp_path, driver):
     ini = project(tmp_path, [SETTINGS_REV], envs.own_engine(driver))
 
@@ -271,7 +274,7 @@ def test_migration_sessions_carry_the_settings(database_url, tmp_path, driver):
     assert seen == ("fid-runner", "90s", "1500ms")
 
 
-@pytest.mark.parametrize("driver", envs.DRIVERS)
+@pytest.mark.parametrize("driver", envs.driver_params())
 def test_migration_sessions_hold_the_fence_shared(database_url, tmp_path, driver):
     ini = project(tmp_path, [FENCE_REV], envs.own_engine(driver))
 
@@ -282,7 +285,7 @@ def test_migration_sessions_hold_the_fence_shared(database_url, tmp_path, driver
 
 
 # -- 7. env.py that migrates another database ----------------------------------------------------------
-@pytest.mark.parametrize("driver", envs.DRIVERS)
+@pytest.mark.parametrize("driver", envs.driver_params())
 def test_env_py_on_another_database_is_exit_2_and_writes_nothing(postgres, database, database_url, tmp_path,
                                                                   driver):
     other = f"t_{uuid.uuid4().hex[:12]}"

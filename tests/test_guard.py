@@ -17,7 +17,12 @@ from runner.errors import ConfigError, DatabaseUnreachable
 from runner.guard import guarded_by
 from runner.lock import advisory_lock
 
-DRIVERS = ["psycopg", "psycopg2", "pg8000", "asyncpg", "psycopg_async"]
+from .envs import FUTURE, driver_params
+
+# Also run on SQLAlchemy 1.4 (python3 dev.py test-sa14).
+pytestmark = pytest.mark.core
+
+DRIVERS = driver_params(["psycopg", "psycopg2", "pg8000", "asyncpg", "psycopg_async"])
 ASYNC = {"asyncpg", "psycopg_async"}
 
 # What a connection sees of itself: its settings and whether it holds an advisory lock shared.
@@ -44,7 +49,7 @@ def run_on(url: str, driver: str, work):
     """`work(connection)` on a new engine of `driver` (async drivers through run_sync), engine disposed after."""
     sa_url = make_url(url).set(drivername=f"postgresql+{driver}")
     if driver not in ASYNC:
-        engine = create_engine(sa_url, poolclass=pool.NullPool)
+        engine = create_engine(sa_url, poolclass=pool.NullPool, **FUTURE)
         try:
             with engine.connect() as connection:
                 return work(connection)

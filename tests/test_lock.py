@@ -10,6 +10,9 @@ from runner.lock import advisory_lock, derive_key, holders
 
 from .conftest import advisory_locks
 
+# Also run on SQLAlchemy 1.4 (python3 dev.py test-sa14).
+pytestmark = pytest.mark.core
+
 
 def url(text: str):
     return make_url(text).set(drivername="postgresql+psycopg")

@@ -7,9 +7,14 @@ from runner.errors import ConfigError, DatabaseUnreachable, RevisionFailed
 from runner.envpy import EarlyExit
 from runner.migrate import Progress, explain_failure
 
+from .envs import DEFAULT_DRIVER
+
+# Also run on SQLAlchemy 1.4 (python3 dev.py test-sa14).
+pytestmark = pytest.mark.core
+
 
 def sa_url(database_url):
-    return make_url(database_url).set(drivername="postgresql+psycopg")
+    return make_url(database_url).set(drivername=f"postgresql+{DEFAULT_DRIVER}")
 
 
 class FakeScript:

@@ -9,7 +9,11 @@ from runner.errors import ConfigError, LegacyDatabase, MultipleHeads
 from runner.revisions import (applied_between, check_single_head, database_state, load_config, load_scripts,
                               merge_command, pending_revisions, refuse_legacy, state_of)
 
+from .envs import DEFAULT_DRIVER
 from .projects import Rev, chain, make_project
+
+# Also run on SQLAlchemy 1.4 (python3 dev.py test-sa14).
+pytestmark = pytest.mark.core
 
 
 def scripts(tmp_path, revisions):
@@ -50,7 +54,7 @@ def test_single_head_passes_and_two_heads_name_parents_and_merge(tmp_path):
 
 def test_state_classifies_fresh_legacy_pending_current_ahead(tmp_path, database_url):
     _, script = scripts(tmp_path, chain(3))
-    engine = create_engine(make_url(database_url).set(drivername="postgresql+psycopg"))
+    engine = create_engine(make_url(database_url).set(drivername=f"postgresql+{DEFAULT_DRIVER}"))
 
     def state():
         with engine.connect() as conn:
@@ -110,7 +114,7 @@ def test_state_through_env_py_finds_the_version_table_where_env_py_keeps_it(tmp_
     with psycopg.connect(database_url, autocommit=True) as conn:
         conn.execute("CREATE SCHEMA app; CREATE TABLE app.app_version (version_num varchar(32) PRIMARY KEY); "
                      "INSERT INTO app.app_version VALUES ('r0001'); CREATE TABLE public.r_1 (id int)")
-    config = load_config(ini, make_url(database_url).set(drivername="postgresql+psycopg"))
+    config = load_config(ini, make_url(database_url).set(drivername=f"postgresql+{DEFAULT_DRIVER}"))
     state = database_state(config, load_scripts(config))
     assert (state.kind, state.current, state.schema, state.table) == ("pending", ("r0001",), "app", "app_version")
     with pytest.raises(ConfigError, match="MIGRATE_VERSION_TABLE_SCHEMA=public but env.py keeps the version table "
@@ -124,7 +128,7 @@ def test_legacy_is_refused_while_this_projects_version_table_sits_in_another_sch
     with psycopg.connect(database_url, autocommit=True) as conn:
         conn.execute("CREATE SCHEMA app; CREATE TABLE app.alembic_version (version_num varchar(32) PRIMARY KEY); "
                      "INSERT INTO app.alembic_version VALUES ('r0002'); CREATE TABLE public.r_1 (id int)")
-    engine = create_engine(make_url(database_url).set(drivername="postgresql+psycopg"))
+    engine = create_engine(make_url(database_url).set(drivername=f"postgresql+{DEFAULT_DRIVER}"))
     with engine.connect() as conn:
         with pytest.raises(ConfigError, match="app.alembic_version holds revisions of these scripts"):
             state_of(conn, script)

@@ -18,10 +18,14 @@ from runner import lineage
 
 from .conftest import (advisory_locks, assert_consistent, finish, run_runner, runner_env, start_runner, tables,
                        version_rows)
+from .envs import driver_params
 from .fidelity import Twins, run_alembic, schema_dump, sqlalchemy_url
 from .projects import Rev, add_revisions, chain, make_project, write_env
 from .test_cli import _derived_key, running_runner, wait_for
 from .test_faults import no_locks_left, sleeping_pid, use_driver
+
+# Also run on SQLAlchemy 1.4 (python3 dev.py test-sa14).
+pytestmark = pytest.mark.core
 
 
 @pytest.fixture
@@ -250,7 +254,7 @@ def test_a_failing_downgrade_leaves_the_database_where_alembic_leaves_it(postgre
     assert advisory_locks(postgres, twins.runner) == []
 
 
-@pytest.mark.parametrize("driver", ["psycopg", "psycopg2", "asyncpg", "pg8000"])
+@pytest.mark.parametrize("driver", driver_params(["psycopg", "psycopg2", "asyncpg", "pg8000"]))
 def test_the_lineage_is_recorded_exactly_whatever_env_pys_driver(database_url, v1, tmp_path, driver):
     # Characters each driver or quoting rule could mangle: placeholders, quotes, backslashes, the dollar tag.
     image = "reg.example/app:2%s %(x)s 100% 'q' \"d\" back\\slash $lineage$ ä"

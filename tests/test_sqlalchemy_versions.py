@@ -5,13 +5,18 @@ env.py, a URL naming psycopg 3 is exit 2, and the runner's own sessions, which
 use psycopg 3 directly, never need SQLAlchemy's dialect for it.
 """
 
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import sqlalchemy
 
-from .conftest import run_runner, runner_env, version_rows
+from .conftest import finish, run_runner, runner_env, start_runner, version_rows
+from .projects import make_project
+from .test_baseline import SLOW, USERS, ORDERS, building, legacy, scratch_databases, verifying
+from .test_cli import wait_for
 
 # Also run on SQLAlchemy 1.4 (python3 dev.py test-sa14).
 pytestmark = pytest.mark.core
@@ -28,9 +33,23 @@ def test_a_psycopg3_url_under_sqlalchemy_14_is_exit_2_naming_the_version(project
     result = run_runner(runner_env(url, project), "upgrade")
     summary = result.last["event"]
     assert result.returncode == 2, result
-    assert f"{scheme}:// needs SQLAlchemy 2" in summary and f"SQLAlchemy {sqlalchemy.__version__} is installed" in summary
+    assert f"{scheme}:// needs SQLAlchemy 2" in summary
+    assert f"SQLAlchemy {sqlalchemy.__version__} is installed" in summary
     assert instead in summary, summary
     assert version_rows(database_url) == []
+
+
+@only_on_14
+@pytest.mark.parametrize("url, words", [
+    ("postgresql+asyncpg://u:pw@/db?host=a:5432&host=b:5432", "asyncpg dialect of SQLAlchemy"),
+    ("postgresql+asyncpg://u:pw@/db?host=a,b&port=5432,5432", "asyncpg dialect of SQLAlchemy"),
+    ("postgresql://u:pw@/db?host=a:6432", "reads ?host=HOST:PORT as a host name"),
+])
+def test_host_forms_sqlalchemy_14_misreads_are_exit_2_before_connecting(project, url, words):
+    # The runner's own sessions read them; env.py's dialect would not, and fail only once the lock is held.
+    result = run_runner(runner_env(url, project), "check")
+    assert result.returncode == 2 and words in result.last["event"], result
+    assert sqlalchemy.__version__ in result.last["event"] and "pw@" not in result.output
 
 
 @pytest.mark.parametrize("scheme", ["postgresql", "postgres"])
@@ -84,3 +103,21 @@ def test_the_runners_own_sessions_never_use_sqlalchemys_psycopg_dialect(project,
                           capture_output=True, text=True, timeout=120, cwd=project.parent)
     assert proc.returncode == 0 and "dialect was used" not in proc.stderr, proc.stderr[-3000:]
     assert version_rows(database_url) == ["r0003"]
+
+
+def test_sigterm_while_psycopg2_builds_the_baseline_stops_at_once(tmp_path, postgres, database_url):
+    # psycopg2, SQLAlchemy 1.4's default, waits in C, where no Python signal handler runs: outside the
+    # guard, the runner must cut the scratch build's session itself rather than wait out its statement.
+    ini = make_project(tmp_path / "p", SLOW)
+    legacy(database_url, *USERS, *ORDERS)
+    url = database_url.replace("postgresql://", "postgresql+psycopg2://", 1)
+    proc = start_runner(verifying(url, ini), "upgrade")
+    try:
+        wait_for(lambda: building(postgres), timeout=60)  # env.py's session sleeps 60 s in b0001
+        signalled = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        result = finish(proc, timeout=50)
+    finally:
+        proc.kill()
+    assert result.returncode == 143 and time.monotonic() - signalled < 20, result
+    assert scratch_databases(postgres) == [] and version_rows(database_url) == []
