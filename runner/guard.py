@@ -96,6 +96,12 @@ def guarded_by(lock: Lock, *, interval: float = 0.2, grace: float = CHECK_GRACE,
         if lock.lost and not isinstance(e, LockLost):
             raise LockLost(lock.lost) from e
         raise
+    except KeyboardInterrupt:
+        # A driver that waits in Python (asyncpg's event loop) lets the signal through at once, before the
+        # signal thread has cancelled its statement: cancel it here, while the lock is still held, so that
+        # nothing of this run is still running on the server once the runner has exited.
+        watchdog.cancel_in_flight()
+        raise
     finally:
         _active = None
         watchdog.stop()
