@@ -67,16 +67,22 @@ def project_lines(output: str) -> list[str]:
     return re.findall(r"PROJECT [A-Z]+ \[[\w.]+\] [^\"\n]*", output)
 
 
-def test_a_logging_configuration_the_project_validates_takes_effect_as_under_alembic(postgres, tmp_path):
-    root = tmp_path / "p"
-    ini = make_project(root, chain(3))
-    insert_in_env(root, VALIDATED_LOGGING + URL_LINE)
+def upgraded_like_alembic(postgres, ini: Path):
+    """Plain alembic on one twin, the runner on the other: both exit 0, the runner upgraded r0001-r0003."""
     twins = Twins.create(postgres)
     plain = twins.run_alembic(ini)
     assert plain.returncode == 0, plain
     result = run_runner(runner_env(twins.url("runner"), ini))
     assert result.returncode == 0, result
     assert result.last["outcome"] == "upgraded" and result.last["applied"] == ["r0001", "r0002", "r0003"], result
+    return twins, plain, result
+
+
+def test_a_logging_configuration_the_project_validates_takes_effect_as_under_alembic(postgres, tmp_path):
+    root = tmp_path / "p"
+    ini = make_project(root, chain(3))
+    insert_in_env(root, VALIDATED_LOGGING + URL_LINE)
+    twins, plain, result = upgraded_like_alembic(postgres, ini)
     twins.assert_same()
     # The project's handler, formatter and filter as alembic runs them; its disabled logger silent in both.
     expected = ["PROJECT INFO [myapp.task] task logger ready", "PROJECT INFO [myapp.task] connecting to"]
@@ -126,12 +132,7 @@ def creating_project(root: Path) -> Path:
 
 def test_tables_env_py_creates_before_migrating_do_not_make_an_empty_database_legacy(postgres, tmp_path):
     ini = creating_project(tmp_path / "p")
-    twins = Twins.create(postgres)
-    plain = twins.run_alembic(ini)
-    assert plain.returncode == 0, plain
-    result = run_runner(runner_env(twins.url("runner"), ini))
-    assert result.returncode == 0, result
-    assert result.last["outcome"] == "upgraded" and result.last["applied"] == ["r0001", "r0002", "r0003"], result
+    twins, _, result = upgraded_like_alembic(postgres, ini)
     assert any("made by env.py's own code in this run" in e for e in result.events()), result
     twins.assert_same()
     again = run_runner(runner_env(twins.url("runner"), ini))

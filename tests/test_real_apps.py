@@ -49,6 +49,7 @@ import pytest
 from .apps import App, AppVenv, app_venv
 from .conftest import RUNNER_PASSWORD, Result, advisory_locks
 from .fidelity import Twins, schema_dump, version_table_rows
+from .test_real_projects import not_json
 
 pytestmark = pytest.mark.real_apps
 
@@ -64,20 +65,6 @@ def summary(result: Result) -> dict:
         raise AssertionError(f"the last line is not JSON: {lines[-1]!r}\n{result!r}") from None
     assert isinstance(found, dict) and "exit_code" in found, found
     return found
-
-
-def not_json(result: Result) -> list[str]:
-    """Output lines that are not JSON objects (README: in JSON mode every line is one)."""
-    bad = []
-    for line in result.output.splitlines():
-        if not line.strip():
-            continue
-        try:
-            if not isinstance(json.loads(line), dict):
-                bad.append(line)
-        except ValueError:
-            bad.append(line)
-    return bad
 
 
 def assert_clean(result: Result, password: str = RUNNER_PASSWORD) -> None:
