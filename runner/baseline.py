@@ -84,7 +84,7 @@ def prove(config_for: Callable[[URL], Config], baseline: str, *, url: URL, given
     sqlalchemy.url `u`; `given` is DATABASE_URL as the user wrote it (env.py's driver), `url` the
     runner's; `schema`.`table` the version table; `lock` the runner's advisory lock on the proven
     database; `scratch` MIGRATE_SCRATCH_DATABASE_URL if set, whose own lock is waited for `lock_timeout`."""
-    with _scratch_database(url, given, lock, scratch, lock_timeout) as (runner_scratch, env_scratch):
+    with scratch_database(url, given, lock, scratch, lock_timeout) as (runner_scratch, env_scratch):
         logger.info("building baseline %s in scratch database %s to compare it with the legacy schema",
                     baseline, runner_scratch.database, extra={"baseline": baseline, "scratch": runner_scratch.database})
         _build(config_for(env_scratch), baseline, env_scratch, lock)
@@ -134,6 +134,29 @@ def compare(legacy: dict, built: dict) -> list[str]:
 def _build(config: Config, baseline: str, env_scratch: URL, lock: Lock) -> None:
     """`alembic upgrade <baseline>` through env.py, on the scratch database and nowhere else."""
     elsewhere: list[str] = []
+    try:
+        with confined(env_scratch, lock, elsewhere):
+            alembic_command.upgrade(config, baseline)
+    except Exception as e:
+        if elsewhere:
+            raise ConfigError(
+                f"MIGRATE_VERIFY_BASELINE: env.py connected to database {elsewhere[0]!r} while building the "
+                f"baseline in the scratch database; it must build its engine from the URL alembic gives it "
+                f"(config.get_main_option('sqlalchemy.url')) or from DATABASE_URL. Nothing was written") from None
+        if isinstance(e, RunnerError):  # a password that could not be fetched, say
+            raise
+        if database.is_disconnect(e):
+            raise DatabaseUnreachable(f"lost the scratch database while building the baseline: "
+                                      f"{database.first_line(e)}") from None
+        error = envpy.failure(e)
+        raise type(error)(f"MIGRATE_VERIFY_BASELINE: building baseline {baseline} in the scratch database failed "
+                          f"({type(e).__name__}: {database.first_line(e)}); nothing was written") from None
+
+
+@contextmanager
+def confined(env_scratch: URL, lock: Lock, elsewhere: list[str]) -> Iterator[None]:
+    """Inside the `with`, env.py runs on the scratch database and nowhere else (a connection elsewhere is
+    refused, its database's name appended to `elsewhere`), quietly, and a signal severs its sessions."""
     opened: list = []  # env.py's connections to the scratch database, for a signal to sever
 
     def only_scratch(dbapi_connection, record, proxy) -> None:
@@ -154,21 +177,7 @@ def _build(config: Config, baseline: str, env_scratch: URL, lock: Lock) -> None:
         # Quietly: its "Running upgrade" lines would read as the real run's. Outside the guard (nothing is
         # written where the lock is), so a signal cuts the build's sessions itself.
         with envpy.no_exit(), revisions.quietly(), guard.interruptible(opened):
-            alembic_command.upgrade(config, baseline)
-    except Exception as e:
-        if elsewhere:
-            raise ConfigError(
-                f"MIGRATE_VERIFY_BASELINE: env.py connected to database {elsewhere[0]!r} while building the "
-                f"baseline in the scratch database; it must build its engine from the URL alembic gives it "
-                f"(config.get_main_option('sqlalchemy.url')) or from DATABASE_URL. Nothing was written") from None
-        if isinstance(e, RunnerError):  # a password that could not be fetched, say
-            raise
-        if database.is_disconnect(e):
-            raise DatabaseUnreachable(f"lost the scratch database while building the baseline: "
-                                      f"{database.first_line(e)}") from None
-        error = envpy.failure(e)
-        raise type(error)(f"MIGRATE_VERIFY_BASELINE: building baseline {baseline} in the scratch database failed "
-                          f"({type(e).__name__}: {database.first_line(e)}); nothing was written") from None
+            yield
     finally:
         event.remove(pool.Pool, "checkout", only_scratch)
         if saved is None:
@@ -194,8 +203,8 @@ _SCRATCH_KEY = key_for("migration-runner:scratch")
 
 
 @contextmanager
-def _scratch_database(url: URL, given: URL, lock: Lock, scratch: URL | None,
-                      lock_timeout: float) -> Iterator[tuple[URL, URL]]:
+def scratch_database(url: URL, given: URL, lock: Lock, scratch: URL | None, lock_timeout: float,
+                     purpose: str = "MIGRATE_VERIFY_BASELINE") -> Iterator[tuple[URL, URL]]:
     """An empty scratch database, as (the runner's URL, env.py's URL) of it; emptied or dropped after,
     without hiding the error that ended the build."""
     if scratch is not None:
@@ -211,22 +220,23 @@ def _scratch_database(url: URL, given: URL, lock: Lock, scratch: URL | None,
                     raise
                 _empty(holder)
         except psycopg.Error as e:
-            raise _failure(e, "use MIGRATE_SCRATCH_DATABASE_URL") from None
+            raise _failure(e, "use MIGRATE_SCRATCH_DATABASE_URL", purpose) from None
         return
     name = scratch_name(url.database, lock.key)
-    _drop(url, name)  # a leftover of a run killed before it could drop it
-    _admin(url, f'CREATE DATABASE "{name}" TEMPLATE template0', "create the scratch database")
+    _drop(url, name, purpose)  # a leftover of a run killed before it could drop it
+    _admin(url, f'CREATE DATABASE "{name}" TEMPLATE template0', "create the scratch database", purpose=purpose)
     try:
         yield url.set(database=name), given.set(database=name)
     except BaseException:
-        _quietly(lambda: _drop(url, name))
+        _quietly(lambda: _drop(url, name, purpose))
         raise
-    _drop(url, name)
+    _drop(url, name, purpose)
 
 
-def _drop(url: URL, name: str) -> None:
+def _drop(url: URL, name: str, purpose: str = "MIGRATE_VERIFY_BASELINE") -> None:
     # FORCE (PostgreSQL 13+) ends the sessions a killed env.py may have left on it.
-    _admin(url, f'DROP DATABASE IF EXISTS "{name}"', "drop the scratch database", force=" WITH (FORCE)")
+    _admin(url, f'DROP DATABASE IF EXISTS "{name}"', "drop the scratch database", force=" WITH (FORCE)",
+           purpose=purpose)
 
 
 def _quietly(cleanup: Callable[[], None]) -> None:
@@ -266,7 +276,7 @@ def _empty(holder: psycopg.Connection) -> None:
         holder.execute("CREATE SCHEMA public")
 
 
-def _admin(url: URL, statement: str, doing: str, force: str = "") -> None:
+def _admin(url: URL, statement: str, doing: str, force: str = "", purpose: str = "MIGRATE_VERIFY_BASELINE") -> None:
     """A statement that cannot run in a transaction, on a connection of its own; `force` added from 13 on."""
     try:
         with sessions.connect(url) as connection:  # autocommit: CREATE/DROP DATABASE refuse a transaction
@@ -274,15 +284,15 @@ def _admin(url: URL, statement: str, doing: str, force: str = "") -> None:
                 statement += force
             connection.execute(statement)
     except psycopg.Error as e:
-        raise _failure(e, doing) from None
+        raise _failure(e, doing, purpose) from None
 
 
-def _failure(error: psycopg.Error, doing: str) -> RunnerError:
+def _failure(error: psycopg.Error, doing: str, purpose: str = "MIGRATE_VERIFY_BASELINE") -> RunnerError:
     if database.is_disconnect(error):
-        return DatabaseUnreachable(f"MIGRATE_VERIFY_BASELINE: cannot {doing}: {database.first_line(error)}")
+        return DatabaseUnreachable(f"{purpose}: cannot {doing}: {database.first_line(error)}")
     hint = ""
     if database.sqlstate(error) == "42501":
         hint = (": the role must own that database and its schemas" if "URL" in doing else
                 ": grant the role CREATEDB, or set MIGRATE_SCRATCH_DATABASE_URL to a database of its own")
-    return ConfigError(f"MIGRATE_VERIFY_BASELINE: cannot {doing} (SQLSTATE {database.sqlstate(error)}: "
+    return ConfigError(f"{purpose}: cannot {doing} (SQLSTATE {database.sqlstate(error)}: "
                        f"{database.first_line(error)}){hint}")

@@ -11,7 +11,7 @@ import signal
 import sys
 from pathlib import Path
 
-from . import flaskapp, guard, log, sidecars, stack_versions
+from . import flaskapp, guard, history, log, sidecars, stack_versions
 from .commands import COMMANDS
 from .envpy import EarlyExit
 from .errors import EXIT_BUG, ConfigError, Interrupted, RunnerError, markdown_table
@@ -30,6 +30,10 @@ HELP = {
     "heads": "no database: exit 0 with the single head, or 5 listing the heads and the merge command",
     "downgrade": "under the lock, revert the revisions above REVISION (an id, or base); run from the newer image",
     "lint": "squawk on the offline SQL of each pending revision (or each above --from REV, with no database); 11 on findings",
+    "history": "read only: print the newest runs MIGRATE_HISTORY recorded for this version table (JSON lines under "
+               "MIGRATE_LOG_FORMAT=json)",
+    "roundtrip": "in a scratch database, upgrade, downgrade and upgrade again each revision above --from REV (default "
+                 "base), comparing the schemas; 12 naming each revision whose downgrade does not undo its upgrade",
 }
 
 
@@ -58,6 +62,12 @@ def _alembic_options(parser: argparse.ArgumentParser, default) -> None:
                         help="section of alembic.ini to use, as alembic -n (overrides ALEMBIC_SECTION)")
 
 
+def _positive(value: str) -> int:
+    if not value.isdigit() or int(value) < 1:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a positive whole number")
+    return int(value)
+
+
 def _raise_interrupted(signum, frame):
     raise Interrupted(signum)
 
@@ -84,6 +94,11 @@ def parser() -> argparse.ArgumentParser:
         if name == "lint":
             sub.add_argument("--from", dest="start", metavar="REV",
                              help="lint every revision above REV (a revision id, or base) without a database")
+        if name == "roundtrip":
+            sub.add_argument("--from", dest="start", metavar="REV",
+                             help="prove the revisions above REV (a revision id, or base), REV built first")
+        if name == "history":
+            sub.add_argument("--limit", type=_positive, default=20, metavar="N", help="the newest N runs (default 20)")
         if name == "downgrade":
             sub.add_argument("revision", help="the revision to leave the database at (a revision id, or base)")
     return p
@@ -109,8 +124,10 @@ def main(argv: list[str] | None = None) -> int:
             run = functools.partial(run, sql=args.sql)
         if name == "downgrade":
             run = functools.partial(run, target=args.revision)
-        if name == "lint":
+        if name in ("lint", "roundtrip"):
             run = functools.partial(run, start=args.start)
+        if name == "history":
+            run = functools.partial(run, limit=args.limit)
         settings = Settings.from_env()
         settings = settings.model_copy(update=_from_options(settings, args))
         log.setup(settings.log_format, settings.log_level)
@@ -136,6 +153,8 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:
         logger.exception("unexpected error")
         report.outcome, report.message, code = "bug", f"unexpected error: {type(e).__name__}: {e}", EXIT_BUG
+    # Before the sidecars go (a proxy may carry the connection): the run's row gets its outcome.
+    history.finish(report.outcome, code, report.from_revision, report.to_revision)
     # The outcome is known and the lock released: the sidecars can go. Before the summary, which
     # stays the last line; also after invalid settings, or the pod would never complete.
     sidecars.stop(settings.quit_url_list() if settings else quit_urls_from_env())

@@ -25,7 +25,9 @@ from sqlalchemy.engine import URL, make_url
 
 from . import (baseline, credentials, database, drift, envpy, flaskapp, guard, lineage, log, migrate, revisions,
                sessions, target)
+from . import history as history_
 from . import lint as lint_
+from . import roundtrip as roundtrip_
 from .errors import EXIT_OK, ConfigError, DatabaseUnreachable, LintFindings, PendingRevisions, SchemaDrift
 from .lock import Lock, advisory_lock
 from .report import Report
@@ -54,10 +56,12 @@ def upgrade(settings: Settings, report: Report) -> int:
                 logger.info("stamping baseline %s on the legacy database", baseline, extra={"baseline": baseline})
             return baseline
 
+        recorder = _history(settings, url, report)
+
         def run(progress: migrate.Progress, decide: Callable) -> None:
             migrate.upgrade(config, script, progress, decide, record=lineage.of(script, settings.image),
                             expected=_expected_version_table(settings), tables_before=project.tables_before,
-                            goal=goal)
+                            goal=goal, history=recorder)
 
         def prove_baseline(lock) -> None:
             # Under the lock, before the run that would stamp it: a baseline that does not match writes nothing.
@@ -108,9 +112,12 @@ def downgrade(settings: Settings, report: Report, target: str) -> int:
         settings, url, config, script = project.settings, project.url, project.config, project.script
         goal = revisions.downgrade_target(script, target)
 
+        recorder = _history(settings, url, report)
+
         def run(progress: migrate.Progress, decide: Callable) -> None:
             migrate.downgrade(config, script, progress, goal or "base", decide,
-                              record=lineage.of(script, settings.image), expected=_expected_version_table(settings))
+                              record=lineage.of(script, settings.image), expected=_expected_version_table(settings),
+                              history=recorder)
 
         progress, reached = _under_lock(settings, report, url, project.lock, script,
                                         lambda state: revisions.refuse_downgrade(state, script, goal), run)
@@ -361,7 +368,7 @@ def verify(settings: Settings, report: Report) -> int:
     def compare(context, state: revisions.State) -> None:
         # On env.py's connection, in the run that reads the state: only a database at heads is compared.
         if state.kind == "current":
-            drift.find(context, found)
+            drift.find(context, found, ignore_schema=settings.history_schema)
         else:
             found.has_metadata = context.opts.get("target_metadata") is not None
 
@@ -383,6 +390,11 @@ def verify(settings: Settings, report: Report) -> int:
                        "CREATE INDEX CONCURRENTLY leaves one): drop it and create it again", index,
                        extra={"invalid_index": index})
     problems = found.differences + [f"invalid index {index}" for index in found.invalid_indexes]
+    if settings.history:  # applied revisions edited or removed since, as the history recorded them
+        edited = history_.edited(url, settings.history_schema, state, script)
+        for finding in edited:
+            logger.warning("history: %s", finding, extra={"difference": finding})
+        problems += edited
     if problems:
         raise SchemaDrift(f"at heads {_names(state.current)}, but the database differs from env.py's "
                           f"target_metadata or has invalid indexes ({_count(len(problems), 'finding')}): "
@@ -463,8 +475,40 @@ def _offline_scripts(settings: Settings) -> tuple[Config, ScriptDirectory]:
     return _config_and_scripts(settings, given)
 
 
+def history(settings: Settings, report: Report, limit: int = 20) -> int:
+    """Print the newest `limit` runs the history table holds for this project's version table."""
+    url, config, script = _scripts(settings)
+    _connect(settings, url)
+    state = _read_state_or_fail(config, script, settings)
+    report.from_revision = report.to_revision = state.current
+    shown = history_.show(url, settings.history_schema, state, limit, settings.log_format == "json")
+    report.outcome = "history"
+    report.message = (f"history: {_count(shown, 'run')} of {state.schema}.{state.table} shown" if shown else
+                      f"history: no run of {state.schema}.{state.table} recorded in "
+                      f"{settings.history_schema}.{history_.TABLE} (MIGRATE_HISTORY is off, or no run changed it)")
+    return EXIT_OK
+
+
+def roundtrip(settings: Settings, report: Report, start: str | None = None) -> int:
+    """In a scratch database, prove that each revision above `start` downgrades to what it upgraded from and
+    upgrades again alike; exit 12 naming those that do not."""
+    url, config, script = _scripts(settings)
+    _connect(settings, url)
+    scratch = settings.scratch_url()
+    if scratch is not None:
+        log.add_url_secrets(scratch)
+    return roundtrip_.prove(functools.partial(_config, settings), script, report, url=url, given=settings.url(),
+                            scratch=scratch, lock_timeout=settings.lock_timeout,
+                            start=revisions.downgrade_target(script, start, "roundtrip --from") if start else None)
+
+
 COMMANDS = {"upgrade": upgrade, "check": check, "wait": wait, "plan": plan, "verify": verify, "heads": heads,
-            "downgrade": downgrade, "lint": lint}
+            "downgrade": downgrade, "lint": lint, "history": history, "roundtrip": roundtrip}
+
+
+def _history(settings: Settings, url: URL, report: Report):
+    """This run's history recorder (MIGRATE_HISTORY), the table created if need be; None when off."""
+    return history_.begin(settings.history, settings.history_schema, url, report.command, settings.image)
 
 
 # -- shared steps -----------------------------------------------------------------------

@@ -31,8 +31,9 @@ class Drift:
     invalid_indexes: list[str] = field(default_factory=list)
 
 
-def find(context, drift: Drift) -> None:
-    """Fill `drift` from env.py's MigrationContext: the autogenerate diffs and the invalid indexes."""
+def find(context, drift: Drift, ignore_schema: str | None = None) -> None:
+    """Fill `drift` from env.py's MigrationContext: the autogenerate diffs and the invalid indexes, leaving out
+    `ignore_schema` (the runner's history), which env.py's include_schemas=True would otherwise compare."""
     metadata = context.opts.get("target_metadata")
     drift.has_metadata = metadata is not None
     if metadata is None:
@@ -42,9 +43,20 @@ def find(context, drift: Drift) -> None:
     with revisions.quietly("alembic.autogenerate", "alembic.runtime.plugins", "alembic.ddl.postgresql"):
         diffs = compare_metadata(context, metadata)
     dialect = context.dialect
-    drift.differences = [describe(diff, dialect) for diff in _flat(diffs)]
-    drift.invalid_indexes = invalid_indexes(context, metadata)
+    drift.differences = [describe(diff, dialect) for diff in _flat(diffs)
+                         if ignore_schema is None or _schema_of(diff) != ignore_schema]
+    drift.invalid_indexes = invalid_indexes(context, metadata, ignore_schema)
     drift.compared = True
+
+
+def _schema_of(diff: tuple) -> str | None:
+    """The schema of the table a diff is about."""
+    for part in diff[1:3]:
+        if isinstance(part, str) or part is None:
+            return part  # (kind, schema, table, ...) for columns
+        table = getattr(part, "table", part)  # an index or constraint, or the table itself
+        return getattr(table, "schema", None)
+    return None
 
 
 def _flat(diffs) -> Iterator[tuple]:
@@ -156,9 +168,9 @@ _INVALID_INDEXES = text("""
 """)
 
 
-def invalid_indexes(context, metadata) -> list[str]:
+def invalid_indexes(context, metadata, ignore_schema: str | None = None) -> list[str]:
     """The invalid indexes in the schemas the comparison covers, as `schema.index on schema.table`."""
-    schemas = sorted(covered_schemas(context, metadata))
+    schemas = sorted(covered_schemas(context, metadata) - {ignore_schema})
     rows = context.connection.execute(_INVALID_INDEXES, {"schemas": schemas}).all()
     return [f"{schema}.{index} on {schema}.{table}" for schema, index, table in rows]
 

@@ -13,7 +13,8 @@ one log line and its ``exit_code``. Anything else escaping is a bug (exit 1).
     ├── DatabaseAhead          8  the database names revisions the scripts do not know (not let through)
     ├── PendingRevisions       9  `check`/`wait`/`verify`: revisions are not applied yet
     ├── SchemaDrift           10  `verify`: the schema differs from env.py's models, or an index is invalid
-    └── LintFindings          11  `lint`: squawk found statements that lock or break what runs
+    ├── LintFindings          11  `lint`: squawk found statements that lock or break what runs
+    └── Irreversible          12  `roundtrip`: a revision's downgrade does not undo its upgrade
     Interrupted  130 / 143        SIGINT / SIGTERM (a KeyboardInterrupt, so that
                                   psycopg cancels the statement in flight)
 
@@ -115,6 +116,15 @@ class LintFindings(RunnerError):
     meaning = "`lint`: squawk found statements that block traffic or break running code in the revisions' SQL"
 
 
+class Irreversible(RunnerError):
+    """`roundtrip`: a revision's downgrade() raised, did nothing, or left a schema other than the one it started
+    from, or the upgrade after it built another."""
+
+    exit_code = 12
+    meaning = ("`roundtrip`: a revision's downgrade() raised, undid nothing, or left the schema other than before its "
+               "upgrade() (or the upgrade after it built another one)")
+
+
 class Interrupted(KeyboardInterrupt):
     """SIGINT or SIGTERM arrived; the exit code is 128 + the signal number."""
 
@@ -138,6 +148,7 @@ ERRORS: tuple[type[RunnerError], ...] = (
     PendingRevisions,
     SchemaDrift,
     LintFindings,
+    Irreversible,
 )
 
 EXIT_OK = 0

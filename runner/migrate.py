@@ -50,7 +50,7 @@ class Progress:
 def upgrade(config: Config, script: ScriptDirectory, progress: Progress,
             decide: Callable[[revisions.State], str | None], *, record: lineage.Lineage | None = None,
             expected: dict | None = None, tables_before: frozenset[int] | None = None,
-            goal: target.Target | None = None) -> None:
+            goal: target.Target | None = None, history=None) -> None:
     """`alembic upgrade <goal>` (default heads) in one run of env.py, which reads the database's state first.
 
     Before anything is written, `decide` gets the state as read on env.py's own
@@ -79,12 +79,12 @@ def upgrade(config: Config, script: ScriptDirectory, progress: Progress,
         return [*stamps, *upgrades]
 
     _run(config, script, progress, plan, record, {**(expected or {}), "tables_before": tables_before, "goal": goal},
-         destination_rev=goal.name)
+         history=history, destination_rev=goal.name)
 
 
 def downgrade(config: Config, script: ScriptDirectory, progress: Progress, target: str,
               decide: Callable[[revisions.State], None], *, record: lineage.Lineage | None = None,
-              expected: dict | None = None) -> None:
+              expected: dict | None = None, history=None) -> None:
     """`alembic downgrade <target>` in one run of env.py; `decide` refuses a state it must not touch."""
 
     def plan(state: revisions.State, current: tuple[str, ...], context, first_attempt: bool) -> list:
@@ -97,13 +97,14 @@ def downgrade(config: Config, script: ScriptDirectory, progress: Progress, targe
             step.migration_fn = _timed(step.migration_fn, step.revision, progress, "reverted")
         return steps
 
-    _run(config, script, progress, plan, record, expected or {}, destination_rev=target)
+    _run(config, script, progress, plan, record, expected or {}, history=history, destination_rev=target)
 
 
 def _run(config: Config, script: ScriptDirectory, progress: Progress, plan, record: lineage.Lineage | None,
-         expected: dict, **options) -> None:
+         expected: dict, history=None, **options) -> None:
     """Run env.py once with dont_mutate, so that a refusal leaves nothing behind (not even a version table);
-    `plan` gets the state read on env.py's connection and returns the steps to run."""
+    `plan` gets the state read on env.py's connection and returns the steps to run; `history` (a
+    history.Recorder) writes a row per step in the step's transaction."""
     contexts = []
 
     def steps(current, context):
@@ -118,6 +119,9 @@ def _run(config: Config, script: ScriptDirectory, progress: Progress, plan, reco
             # Called by alembic after each step's version table change, inside the same transaction.
             context.on_version_apply_callbacks = (*context.on_version_apply_callbacks,
                                                   _recorder(record, state, progress))
+        if planned and history is not None:
+            context.on_version_apply_callbacks = (*context.on_version_apply_callbacks,
+                                                  history.callback(state, progress, script))
         return planned
 
     envpy.run(config, script, steps, dont_mutate=True, **options)

@@ -96,9 +96,9 @@ class Settings(BaseSettings):
                     "and refuse the stamp (exit 6, nothing written) unless the legacy schema matches it.")
     scratch_database_url: SecretStr | None = Field(
         None, alias="MIGRATE_SCRATCH_DATABASE_URL",
-        description="Database MIGRATE_VERIFY_BASELINE builds the baseline in, owned by its role: every schema in "
-                    "it is dropped before and after; default a database it creates and drops on the same server "
-                    "(the role needs CREATEDB).")
+        description="Database MIGRATE_VERIFY_BASELINE builds the baseline in, and `roundtrip` proves downgrades in, "
+                    "owned by its role: every schema in it is dropped before and after; default a database it "
+                    "creates and drops on the same server (the role needs CREATEDB).")
     allow_multiple_heads: bool = Field(
         False, alias="MIGRATE_ALLOW_MULTIPLE_HEADS",
         description="Upgrade every head instead of refusing scripts with several heads in one branch (heads that "
@@ -120,6 +120,16 @@ class Settings(BaseSettings):
         None, alias="MIGRATE_IMAGE",
         description="The image the runner runs from (the chart sets it): recorded with the lineage, so that an "
                     "older image's exit 8 names the image to downgrade with.")
+    history: bool = Field(
+        False, alias="MIGRATE_HISTORY",
+        description="Record each run that changes the version table, and each revision it applies, reverts or stamps "
+                    "(duration, sha256 of its file, image, host), in MIGRATE_HISTORY_SCHEMA's table `history`, in the "
+                    "same transactions; `history` lists the runs, and `verify` reports applied revisions edited or "
+                    "removed since (exit 10).")
+    history_schema: str = Field(
+        "migration_runner", min_length=1, max_length=63, alias="MIGRATE_HISTORY_SCHEMA",
+        description="Schema of the history table, created on first use; its own, so that autogenerate and "
+                    "`alembic check` do not see it.")
     version_table: str = Field(
         "alembic_version", min_length=1, alias="MIGRATE_VERSION_TABLE",
         description="Alembic version table; must match env.py's version_table.")
