@@ -224,10 +224,10 @@ class _Trip:
                 _MORE, {"schemas": schemas})})
         return found
 
-    def view(self, snapshot: dict[tuple[str, str, str], str]) -> dict[str, str]:
-        """A snapshot without the version table, as label -> definition."""
+    def view(self, snapshot: dict[tuple[str, str, str], str]) -> dict[tuple[str, str, str], str]:
+        """A snapshot without the version table."""
         version = ".".join(self.version)
-        return {_label(key): definition for key, definition in snapshot.items() if key[0] != version}
+        return {key: definition for key, definition in snapshot.items() if key[0] != version}
 
 
 def _label(key: tuple[str, str, str]) -> str:
@@ -241,15 +241,19 @@ def _label(key: tuple[str, str, str]) -> str:
     return f"{kind} {name} on {table}" if name else f"{kind} of {table}"
 
 
-def _differences(expected: dict[str, str], found: dict[str, str], extra: str, missing: str,
-                 changed: str = "was") -> list[str]:
-    """Each difference in words: what `found` has that `expected` lacks, the reverse, and what changed."""
+def _differences(expected: dict, found: dict, extra: str, missing: str, changed: str = "was") -> list[str]:
+    """Each difference in words: what `found` has that `expected` lacks, the reverse, and what changed; a table
+    on one side only is one difference, not one per column."""
     out = []
-    for label in sorted(set(expected) | set(found)):
-        if label not in expected:
-            out.append(f"{label} {extra}" + (f" ({found[label]})" if found[label] else ""))
-        elif label not in found:
+    one_side = {key[0] for key in expected if key[1] == "table"} ^ {key[0] for key in found if key[1] == "table"}
+    for key in sorted(set(expected) | set(found), key=_label):
+        if key[0] in one_side and key[1] != "table":
+            continue
+        label = _label(key)
+        if key not in expected:
+            out.append(f"{label} {extra}" + (f" ({found[key]})" if found[key] else ""))
+        elif key not in found:
             out.append(f"{label} {missing}")
-        elif expected[label] != found[label]:
-            out.append(f"{label} is {found[label]} ({changed} {expected[label]})")
+        elif expected[key] != found[key]:
+            out.append(f"{label} is {found[key]} ({changed} {expected[key]})")
     return out
