@@ -522,6 +522,8 @@ post Job's postUpgrade.target.
   "lockKey" "MIGRATE_LOCK_KEY"
   "baselineRevision" "MIGRATE_BASELINE_REVISION"
   "verifyBaseline" "MIGRATE_VERIFY_BASELINE"
+  "history" "MIGRATE_HISTORY"
+  "historySchema" "MIGRATE_HISTORY_SCHEMA"
   "allowMultipleHeads" "MIGRATE_ALLOW_MULTIPLE_HEADS"
   "allowAhead" "MIGRATE_ALLOW_AHEAD"
   "versionTable" "MIGRATE_VERSION_TABLE"
