@@ -181,6 +181,7 @@ COMBINATIONS = {
                               "volume": {"persistentVolumeClaim": {"claimName": "migrations", "readOnly": True}}}},
     "all-config": {"config": {"waitTimeout": 30, "lockTimeout": 600.5, "lockKey": "9223372036854775807",
                               "baselineRevision": "0001", "verifyBaseline": True, "allowMultipleHeads": True, "versionTable": "versions",
+                              "history": True, "historySchema": "audit",
                               "versionTableSchema": "app", "applicationName": "shop-migrations",
                               "connectionCheckInterval": 0, "statementTimeout": 120, "ddlLockTimeout": 5,
                               "ddlLockRetries": 3, "terminationLog": "/tmp/summary.json",
@@ -529,6 +530,7 @@ def test_every_runner_variable_is_settable_from_values():
     assert env["MIGRATE_CONNECTION_CHECK_INTERVAL"] == "0"
     assert env["MIGRATE_BASELINE_REVISION"] == "0001"
     assert env["MIGRATE_VERIFY_BASELINE"] == "true"
+    assert (env["MIGRATE_HISTORY"], env["MIGRATE_HISTORY_SCHEMA"]) == ("true", "audit")
     assert env["MIGRATE_DDL_LOCK_RETRIES"] == "3"
     assert env["MIGRATE_ALLOW_AHEAD"] == "never"
     # The image is recorded with the lineage, so that an older image's exit 8 can name it.

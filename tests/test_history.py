@@ -17,7 +17,7 @@ import pytest
 
 from . import envs
 from .conftest import RUNNER_PASSWORD, finish, run_runner, runner_env, start_runner, tables, version_rows
-from .fidelity import run_alembic, sqlalchemy_url
+from .fidelity import Twins, run_alembic, sqlalchemy_url
 from .projects import Rev, chain, make_project, write_env
 
 HISTORY = {"MIGRATE_HISTORY": "true"}
@@ -197,3 +197,23 @@ def test_history_with_nothing_recorded(database_url, project):
     assert result.returncode == 0 and "no run of public.alembic_version recorded" in result.last["event"], result
     assert not [r for r in result.records if r.get("event") == "history"]
     json.dumps(result.last)
+
+
+@pytest.mark.core
+@pytest.mark.parametrize("driver", envs.driver_params())
+def test_with_history_the_database_is_where_plain_alembic_leaves_it(postgres, tmp_path, driver):
+    """Differential: upgrade then downgrade by alembic and by the runner with the history on, through each driver
+    env.py may use; the two databases are alike once the runner's own schema is set aside."""
+    ini = make_project(tmp_path / "p", chain(3))
+    write_env(ini.parent, envs.own_engine(driver, transaction_per_migration=True))
+    twins = Twins.create(postgres)
+    for args in (("upgrade", "heads"), ("downgrade", "r0001")):
+        assert twins.run_alembic(ini, *args, driver=driver).returncode == 0
+        result = twins.run_runner(ini, *args[:1], *(args[1:] if args[0] == "downgrade" else ()), **HISTORY)
+        assert result.returncode == 0, result
+    url = twins.url("runner")
+    assert [(s["action"], s["revision"]) for s in rows(url, "revision")] == [
+        ("applied", "r0001"), ("applied", "r0002"), ("applied", "r0003"), ("reverted", "r0003"),
+        ("reverted", "r0002")]
+    postgres.execute("DROP SCHEMA migration_runner CASCADE", database=twins.runner)
+    twins.assert_same()

@@ -23,6 +23,7 @@ def roundtrip(tmp_path, database_url, revs: list[Rev], *args: str, **extra: str)
     return run_runner(runner_env(database_url, ini, **extra), "roundtrip", *args)
 
 
+@pytest.mark.core
 def test_a_history_that_round_trips_exits_0_and_leaves_the_database_alone(postgres, tmp_path, database_url):
     revs = [Rev("a1", None, [T, "CREATE INDEX ix_note ON t (note)"], undo=["DROP TABLE t"]),
             Rev("a2", "a1", ["CREATE TYPE mood AS ENUM ('ok', 'sad')", "ALTER TABLE t ADD COLUMN m mood"],
