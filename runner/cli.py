@@ -26,7 +26,8 @@ HELP = {
     "wait": "repeat check until the database is at heads (for an application's init container)",
     "plan": "list what upgrade would apply from the database's state; --sql prints the SQL",
     "verify": "read only: exit 0 at heads with the schema matching env.py's target_metadata (as alembic check "
-              "compares them) and no invalid index; 10 listing the differences, 9 pending, 8 ahead",
+              "compares them) and no invalid index (with MIGRATE_HISTORY, no applied revision edited or removed since); "
+              "10 listing the differences, 9 pending, 8 ahead",
     "heads": "no database: exit 0 with the single head, or 5 listing the heads and the merge command",
     "downgrade": "under the lock, revert the revisions above REVISION (an id, or base); run from the newer image",
     "lint": "squawk on the offline SQL of each pending revision (or each above --from REV, with no database); 11 on findings",

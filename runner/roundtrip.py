@@ -72,7 +72,6 @@ def prove(config_for: Callable[[URL], Config], script: ScriptDirectory, report: 
           scratch: URL | None, lock_timeout: float, start: str | None) -> int:
     """Round-trip every revision above `start` in a scratch database; Irreversible listing those that fail."""
     todo = revisions.above(script, start)
-    report.pending = [r.revision for r in todo]
     # A lock of its own on DATABASE_URL's database (not the migration's): it names the scratch database, shows
     # which database env.py must never reach, and keeps two roundtrips of one database from sharing a scratch.
     key = key_for(f"migration-runner:roundtrip:{url.database}")
@@ -90,7 +89,7 @@ def prove(config_for: Callable[[URL], Config], script: ScriptDirectory, report: 
         with baseline.scratch_database(url, given, lock, scratch, lock_timeout, "roundtrip") as (mine, theirs):
             logger.info("round-tripping %d revision%s above %s in scratch database %s", len(todo),
                         "" if len(todo) == 1 else "s", start or "base", mine.database,
-                        extra={"scratch": mine.database, "revisions": report.pending})
+                        extra={"scratch": mine.database, "revisions": [r.revision for r in todo]})
             trip = _Trip(config_for(theirs), script, mine, theirs, lock)
             if start:
                 trip.build((start,), f"building --from {start}")
