@@ -166,8 +166,13 @@ def _prepare(connection: psycopg.Connection, table: str, schema: str) -> str | N
             if database.sqlstate(e) == "42501":
                 return f"the role cannot create it: {database.first_line(e)}"
             raise
-    allowed = connection.execute("SELECT has_table_privilege(%s, 'SELECT, INSERT, UPDATE')", (table,)).fetchone()[0]
-    return None if allowed else "the role may not SELECT, INSERT and UPDATE it"
+    # Asked one by one: has_table_privilege with a list is true when any one of them is held. An INSERT refused
+    # inside the migration's transaction would abort the migration itself.
+    allowed = connection.execute(
+        "SELECT has_schema_privilege(%(schema)s, 'USAGE') AND has_table_privilege(%(table)s, 'SELECT') "
+        "AND has_table_privilege(%(table)s, 'INSERT') AND has_table_privilege(%(table)s, 'UPDATE')",
+        {"schema": schema, "table": table}).fetchone()[0]
+    return None if allowed else "the role needs USAGE on the schema and SELECT, INSERT and UPDATE on the table"
 
 
 def finish(outcome: str, exit_code: int, before: tuple[str, ...], after: tuple[str, ...]) -> None:

@@ -15,6 +15,8 @@ from pathlib import Path
 import psycopg
 import pytest
 
+from runner import history
+
 from . import envs
 from .conftest import RUNNER_PASSWORD, finish, run_runner, runner_env, start_runner, tables, version_rows
 from .fidelity import Twins, run_alembic, sqlalchemy_url
@@ -141,18 +143,29 @@ def test_concurrent_runners_record_each_revision_once(tmp_path, database_url):
     assert len(rows(database_url, "run")) == 1
 
 
-def test_a_role_that_cannot_create_the_schema_gets_a_warning_and_the_upgrade_goes_on(postgres, project):
+@pytest.mark.parametrize("case", ["no CREATE", "SELECT only"])
+def test_a_role_that_cannot_write_the_history_gets_a_warning_and_the_upgrade_goes_on(postgres, project, case):
     name, role = f"t_{uuid.uuid4().hex[:12]}", f"nocreate_{uuid.uuid4().hex[:8]}"
     postgres.create_role(role, RUNNER_PASSWORD)
     postgres.create_database(name)  # owned by the superuser: the role may not CREATE SCHEMA in it
     postgres.execute(f'GRANT CREATE, USAGE ON SCHEMA public TO "{role}"', database=name)
+    if case == "SELECT only":  # made by its owner, readable but not writable by the role
+        postgres.execute("CREATE SCHEMA migration_runner", database=name)
+        postgres.execute(history._DDL.format(table=history.qualified("migration_runner")), database=name)
+        postgres.execute(f'GRANT USAGE ON SCHEMA migration_runner TO "{role}"; '
+                         f'GRANT SELECT ON migration_runner.history TO "{role}"', database=name)
     url = postgres.url(name, role, RUNNER_PASSWORD)
     result = run_runner(runner_env(url, project, **HISTORY))
     assert result.returncode == 0, result
     [warning] = [r for r in result.records if "MIGRATE_HISTORY" in r.get("event", "")]
-    assert warning["level"] == "warning" and "cannot create" in warning["event"], warning
+    assert warning["level"] == "warning", warning
+    assert ("cannot create" if case == "no CREATE" else "needs USAGE on the schema") in warning["event"], warning
     assert version_rows(url) == ["r0003"] and tables(url) == ["alembic_version", "r_1", "r_2", "r_3"]
-    assert postgres.execute("SELECT to_regnamespace('migration_runner')", database=name) == [(None,)]
+    schema = postgres.execute("SELECT to_regnamespace('migration_runner')", database=name)
+    if case == "no CREATE":
+        assert schema == [(None,)]
+    else:
+        assert postgres.execute("SELECT count(*) FROM migration_runner.history", database=name) == [(0,)]
 
 
 @pytest.mark.parametrize("include_schemas, readme_filter", [(False, False), (True, True), (True, False)],
