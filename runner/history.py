@@ -198,7 +198,7 @@ def finish(outcome: str, exit_code: int, before: tuple[str, ...], after: tuple[s
                     {**done, "vschema": recorder.version_table[0], "vtable": recorder.version_table[1],
                      "command": recorder.command, "started": recorder.started, "before": " ".join(before),
                      "image": recorder.image, "host": recorder.host})
-    except psycopg.Error as e:
+    except Exception as e:  # on the way out, after the outcome is known: a warning, never a second failure
         logger.warning("MIGRATE_HISTORY: could not record the end of this run in %s.%s: %s", recorder.schema,
                        TABLE, database.first_line(e))
 
