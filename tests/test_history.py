@@ -221,7 +221,7 @@ def test_history_with_nothing_recorded(database_url, project):
 
 
 @pytest.mark.core
-@pytest.mark.parametrize("driver", envs.driver_params())
+@pytest.mark.parametrize("driver", envs.driver_params((envs.DEFAULT_DRIVER, "asyncpg", "pg8000")))
 def test_with_history_the_database_is_where_plain_alembic_leaves_it(postgres, tmp_path, driver):
     """Differential: upgrade then downgrade by alembic and by the runner with the history on, through each driver
     env.py may use; the two databases are alike once the runner's own schema is set aside."""
