@@ -104,6 +104,8 @@ def test_downgrade_records_the_reverted_revisions(database_url, project):
         ("upgrade", "upgraded", "", "r0003"), ("downgrade", "downgraded", "r0003", "r0001")]
     reverted = [(s["action"], s["revision"]) for s in rows(database_url, "revision") if s["run_id"] == runs[1]["run_id"]]
     assert reverted == [("reverted", "r0003"), ("reverted", "r0002")]
+    newest = run_runner(env, "history", "--limit", "1")
+    assert [r["command"] for r in newest.records if r.get("event") == "history"] == ["downgrade"], newest
 
 
 def test_a_baseline_stamp_is_recorded(database_url, project):
@@ -223,8 +225,8 @@ def test_history_with_nothing_recorded(database_url, project):
 @pytest.mark.core
 @pytest.mark.parametrize("driver", envs.driver_params((envs.DEFAULT_DRIVER, "asyncpg", "pg8000")))
 def test_with_history_the_database_is_where_plain_alembic_leaves_it(postgres, tmp_path, driver):
-    """Differential: upgrade then downgrade by alembic and by the runner with the history on, through each driver
-    env.py may use; the two databases are alike once the runner's own schema is set aside."""
+    """Differential: upgrade then downgrade by alembic and by the runner with the history on, through a sync and an
+    async driver and pg8000 (its own paramstyle); the two databases are alike once the runner's schema is set aside."""
     ini = make_project(tmp_path / "p", chain(3))
     write_env(ini.parent, envs.own_engine(driver, transaction_per_migration=True))
     twins = Twins.create(postgres)

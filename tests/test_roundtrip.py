@@ -97,3 +97,11 @@ def test_sigterm_mid_run_leaves_no_scratch_database(postgres, tmp_path, database
             proc.kill()
     assert result.returncode == 143, result
     assert scratch_databases(postgres) == [], result
+
+
+def test_the_database_url_database_is_refused_as_scratch(postgres, tmp_path, database_url, database):
+    postgres.execute("CREATE TABLE keep (id int)", database=database)  # what emptying a scratch would drop
+    result = roundtrip(tmp_path, database_url, [Rev("e1", None, [T])], MIGRATE_SCRATCH_DATABASE_URL=database_url)
+    assert result.returncode == 2, result
+    assert "MIGRATE_SCRATCH_DATABASE_URL names the database being migrated" in result.last["event"], result
+    assert tables(database_url) == ["keep"] and scratch_databases(postgres) == []
