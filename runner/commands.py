@@ -481,7 +481,8 @@ def history(settings: Settings, report: Report, limit: int = 20) -> int:
     _connect(settings, url)
     state = _read_state_or_fail(config, script, settings)
     report.from_revision = report.to_revision = state.current
-    shown = history_.show(url, settings.history_schema, state, limit, settings.log_format == "json")
+    # JSON lines whenever the log is JSON: MIGRATE_LOG_FORMAT unset means json off a terminal.
+    shown = history_.show(url, settings.history_schema, state, limit, log.chosen_format() == "json")
     report.outcome = "history"
     report.message = (f"history: {_count(shown, 'run')} of {state.schema}.{state.table} shown" if shown else
                       f"history: no run of {state.schema}.{state.table} recorded in "

@@ -226,6 +226,11 @@ def restore() -> None:
         own.disabled = False
 
 
+def chosen_format() -> str:
+    """The format `setup` chose: text or json."""
+    return _format
+
+
 def summary(level: int, fields: dict) -> None:
     """A command's last line: its message with the fields, as one JSON object in JSON mode."""
     message = fields["message"]
