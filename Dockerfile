@@ -34,9 +34,10 @@ ARG UV_NATIVE_TLS=
 # uv is installed from the package index with pip (pinned).
 ARG UV_VERSION=0.13.9
 
+# libpq5 only so that the import check below loads psycopg as the final stage will.
 RUN DEBIAN_FRONTEND=noninteractive apt-get update \
  && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
-        python3 python3-venv binutils \
+        python3 python3-venv binutils libpq5 \
  && rm -rf /var/lib/apt/lists/*
 
 # uv must use the very interpreter the final stage has (Debian's
@@ -70,7 +71,7 @@ RUN --mount=type=secret,id=ca-bundle,required=false \
 WORKDIR /src
 
 # Optional extras: EXTRAS=drivers adds asyncpg, psycopg2 and pg8000 for an env.py that
-# builds its own engine with them (about 25 MB more; psycopg 3 serves sync and async alone).
+# builds its own engine with them (about 16 MB more; psycopg 3 serves sync and async alone).
 ARG EXTRAS=""
 
 # Dependencies first (cached while only the project's code changes).
@@ -79,16 +80,22 @@ RUN --mount=type=secret,id=ca-bundle,required=false \
     set -eu; \
     [ -n "${SSL_CERT_FILE:-}" ] || unset SSL_CERT_FILE; \
     [ -n "${UV_NATIVE_TLS:-}" ] || unset UV_NATIVE_TLS; \
-    uv sync --locked --no-dev --no-install-project --no-editable ${EXTRAS:+--extra "$EXTRAS"}
+    uv sync --locked --no-dev --no-install-project --no-editable --no-install-package psycopg-binary \
+        ${EXTRAS:+--extra "$EXTRAS"}
 
 # Then the project itself, installed as a regular (non-editable) package, and
-# a trim of what only a developer uses (keeps the image under 80 MB on top of
-# the base): debug symbols of the extension modules shipped unstripped
-# (SQLAlchemy's Cython modules, ~8 MB; already-stripped auditwheel/patchelf
-# libraries are left untouched), the test-suite helpers of SQLAlchemy and
-# Alembic (imported only by their own test plugins) and typing/Cython sources.
+# a trim of what the runner never loads (each removal says why it is safe).
+# psycopg-binary is not installed (`--no-install-package`, the lock stays as it
+# is): psycopg then uses its own pure-Python implementation on Debian's libpq5
+# (installed in the final stage), instead of the wheel's bundled copies of
+# libpq, OpenSSL, Kerberos and LDAP (11 MB, OpenSSL already being in the base;
+# libpq5 with its Kerberos and LDAP libraries is 2.6 MB). The C implementation
+# only makes adapting values in Python faster: the runner's few queries, and
+# migrations whose statements run on the server, do not notice it (a migration
+# that moves many rows through Python would).
 ARG CHECK_IMPORTS="import psycopg, pydantic_core, markupsafe._speedups, alembic.command, greenlet; \
-assert psycopg.pq.__impl__ == 'binary', psycopg.pq.__impl__; \
+assert psycopg.pq.__impl__ == 'python', psycopg.pq.__impl__; assert psycopg.pq.version() >= 170000; \
+import sqlalchemy.dialects.postgresql.psycopg, sqlalchemy.dialects.sqlite, sqlalchemy.ext.asyncio; \
 from sqlalchemy.util._has_cython import HAS_CYEXTENSION; assert HAS_CYEXTENSION, 'SQLAlchemy C extensions'"
 COPY README.md ./
 COPY runner/ ./runner/
@@ -96,15 +103,38 @@ RUN --mount=type=secret,id=ca-bundle,required=false \
     set -eu; \
     [ -n "${SSL_CERT_FILE:-}" ] || unset SSL_CERT_FILE; \
     [ -n "${UV_NATIVE_TLS:-}" ] || unset UV_NATIVE_TLS; \
-    uv sync --locked --no-dev --no-editable ${EXTRAS:+--extra "$EXTRAS"}; \
+    uv sync --locked --no-dev --no-editable --no-install-package psycopg-binary ${EXTRAS:+--extra "$EXTRAS"}; \
     test -x /opt/venv/bin/migration-runner; \
+    # Debug symbols of the extension modules shipped unstripped (SQLAlchemy's
+    # Cython modules, ~8 MB); already-stripped auditwheel libraries are left as they are.
     find /opt/venv -name '*.so*' -type f | while read -r so; do \
         if readelf -S "$so" 2>/dev/null | grep -q '\.symtab'; then strip --strip-unneeded "$so"; fi; \
     done; \
     site=$(/opt/venv/bin/python -c 'import sysconfig; print(sysconfig.get_path("purelib"))'); \
+    # Test-suite helpers, imported only by SQLAlchemy's, Alembic's and greenlet's own tests.
     rm -rf "$site/sqlalchemy/testing" "$site/alembic/testing" "$site/greenlet/tests"; \
+    # SQLAlchemy loads a dialect only when a URL names it (its registry imports
+    # sqlalchemy.dialects.<name> on demand) and Alembic imports these three only
+    # for type checking: a PostgreSQL runner never loads them. SQLite stays: models
+    # that env.py imports often give a column a SQLite variant for their own tests.
+    rm -rf "$site/sqlalchemy/dialects/mssql" "$site/sqlalchemy/dialects/mysql" "$site/sqlalchemy/dialects/oracle"; \
+    # mypy plugins, loaded only by mypy; pydantic.v1, the 1.x API kept for old
+    # code, imported by pydantic 2 only for a field type with a v1 validator hook,
+    # which the runner's Settings has none of.
+    rm -rf "$site/sqlalchemy/ext/mypy" "$site/pydantic/v1" "$site/pydantic/mypy.py"; \
+    # Typing stubs and C/Cython sources: nothing imports them.
     find "$site" -type f \( -name '*.pyi' -o -name '*.pxd' -o -name '*.pyx' -o -name '*.c' -o -name '*.cpp' \
         -o -name '*.hpp' -o -name '*.h' \) -delete; \
+    # The dependencies as bytecode alone (sourceless .pyc next to where the .py
+    # was, which Python imports without a source to check): their sources are
+    # those of the locked wheels, and keeping both doubles their size (11 MB).
+    # A traceback through them still names file, line and function. The
+    # runner's own package keeps its sources and hash-checked bytecode; the
+    # templates that `alembic init` copies (never imported) stay as they are.
+    find "$site" -path "$site/runner" -prune -o -type d -name __pycache__ -prune -exec rm -rf {} +; \
+    /opt/venv/bin/python -m compileall -q -b -j 0 -x '/site-packages/(runner|alembic/templates)/' "$site"; \
+    find "$site" \( -path "$site/runner" -o -path "$site/alembic/templates" \) -prune \
+        -o -type f -name '*.py' -exec rm -f {} +; \
     /opt/venv/bin/python -c "$CHECK_IMPORTS"
 
 # ---------------------------------------------------------------------------
@@ -134,7 +164,7 @@ RUN printf '%s\n' \
         'path-exclude /usr/lib/python3*/lib-dynload/_xxtestfuzz*' \
         > /etc/dpkg/dpkg.cfg.d/migration-runner-slim \
  && DEBIAN_FRONTEND=noninteractive apt-get update \
- && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends python3 \
+ && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends python3 libpq5 \
  && rm -rf /usr/lib/python3.*/test /usr/lib/python3.*/pydoc_data \
  && apt-get clean \
  && rm -rf /var/lib/apt/lists/* /var/cache/apt/* /var/log/apt/* /var/log/dpkg.log \

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
 import os
 import re
@@ -74,7 +75,14 @@ def storage_root() -> Path:
 
 
 def run_root() -> Path:
-    return Path("/run/migration-runner/containers") if os.geteuid() == 0 else cache_dir() / "run"
+    if os.geteuid() != 0:
+        return cache_dir() / "run"
+    if os.environ.get("MIGRATION_RUNNER_CACHE"):
+        # A storage's mount and lock state lives in its runroot: a second storage
+        # (another checkout's cache) sharing the default runroot would overwrite it.
+        digest = hashlib.sha256(str(storage_root()).encode()).hexdigest()[:12]
+        return Path(f"/run/migration-runner/containers-{digest}")
+    return Path("/run/migration-runner/containers")
 
 
 def buildah_available() -> str | None:
