@@ -144,7 +144,7 @@ def run(settings: Settings, report: Report, command: str) -> int:
             batches = [canary, targets[len(canary):]] if canary else [targets]
             for number, batch in enumerate(batches):
                 _run_batch(batch, settings, command, Path(directory), stop, record)
-                failed = [rows[t.position] for t in batch if rows[t.position]["exit_code"] != EXIT_OK]
+                failed = [t for t in batch if t.position in rows and rows[t.position]["exit_code"] != EXIT_OK]
                 if stop or (canary and number == 0 and failed):
                     break
     finally:
