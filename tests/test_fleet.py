@@ -337,3 +337,17 @@ def test_fleet_settings_are_documented_variables():
     fields = Settings.model_fields
     assert fields["fleet_concurrency"].default == 4 and fields["fleet_canary"].default == 0
     assert fields["database_urls_file"].alias == "DATABASE_URLS_FILE"
+
+
+@pytest.mark.slow
+def test_fleet_benchmark_quick_mode_runs():
+    """bench/fleet.py's short mode end to end, so that it cannot rot; no timing is asserted."""
+    import subprocess
+    import sys
+
+    from .conftest import ROOT
+
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "fleet.py"), "--quick"], capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "| concurrency | wall (s) |" in proc.stdout and "concurrency 4:" in proc.stdout
