@@ -99,7 +99,7 @@ def _fit(summary: dict) -> str:
             high = middle - 1
     text = _shrunk(head, rest, rows, low)
     if len(text.encode()) > TERMINATION_LOG_LIMIT:  # a very long message: keep the counts at least
-        text = _shrunk(head, {}, [], 0)
+        text = _shrunk(head, {}, rows, 0)
     return text
 
 
