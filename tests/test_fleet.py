@@ -351,3 +351,17 @@ def test_fleet_benchmark_quick_mode_runs():
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "| concurrency | wall (s) |" in proc.stdout and "concurrency 4:" in proc.stdout
+
+
+def test_password_file_serves_every_target_login(postgres, tmp_path):
+    ini = make_project(tmp_path / "p", chain(2))
+    urls = databases(postgres, 2)
+    bare = [url.replace(":" + quote(RUNNER_PASSWORD, safe=""), "", 1) for url in urls]
+    assert all(RUNNER_PASSWORD not in url and "p%25" not in url for url in bare)
+    secret = tmp_path / "password"
+    secret.write_text(RUNNER_PASSWORD + "\n")
+    result = run_runner(fleet_env(ini, targets_file(tmp_path / "urls", bare), DATABASE_PASSWORD_FILE=str(secret)))
+    assert result.returncode == 0, result
+    for url in urls:
+        assert_consistent(url, ["r0002"])
+    assert RUNNER_PASSWORD not in result.output
