@@ -11,7 +11,7 @@ import signal
 import sys
 from pathlib import Path
 
-from . import flaskapp, guard, history, log, sidecars, stack_versions
+from . import flaskapp, fleet, guard, history, log, sidecars, stack_versions
 from .commands import COMMANDS
 from .envpy import EarlyExit
 from .errors import EXIT_BUG, ConfigError, Interrupted, RunnerError, markdown_table
@@ -136,7 +136,9 @@ def main(argv: list[str] | None = None) -> int:
         if settings.database_url is not None:
             log.add_secret(settings.database_url.get_secret_value())
         writing = name in ("upgrade", "downgrade")
-        if writing and flaskapp.loads_under_lock(settings):
+        if settings.database_urls_file is not None:  # a fleet: each target in a runner process of its own
+            code = fleet.run(settings, report, name)
+        elif writing and flaskapp.loads_under_lock(settings):
             code = run(settings, report)  # which creates the Flask application once it holds the lock
         else:
             # FLASK_APP: inside the application's context, as `flask db upgrade` runs (it may supply the URL).

@@ -172,7 +172,8 @@ def _locked_project(settings: Settings, report: Report) -> Iterator[_Project]:
     check_interval = _options_after_login(settings, version)
     # The wait's session, still open, serves the lock as the second session that tells a transaction pooler.
     with advisory_lock(url, settings.lock_key, settings.lock_timeout, schema=settings.version_table_schema,
-                       table=settings.version_table, second_session=first_session) as lock:
+                       table=settings.version_table, second_session=first_session,
+                       x_args=settings.x_arguments()) as lock:
         report.lock_wait = lock.waited
         # Timeouts for migration sessions only: the lock wait above must not be cut short by them.
         _session_options(settings, check_interval, statement_timeout=_ms(settings.statement_timeout),

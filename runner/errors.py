@@ -14,7 +14,8 @@ one log line and its ``exit_code``. Anything else escaping is a bug (exit 1).
     ├── PendingRevisions       9  `check`/`wait`/`verify`: revisions are not applied yet
     ├── SchemaDrift           10  `verify`: the schema differs from env.py's models, or an index is invalid
     ├── LintFindings          11  `lint`: squawk found statements that lock or break what runs
-    └── Irreversible          12  `roundtrip`: a revision's downgrade does not undo its upgrade
+    ├── Irreversible          12  `roundtrip`: a revision's downgrade does not undo its upgrade
+    └── TargetsFailed         13  a fleet: targets failed with different codes (one shared code is that code)
     Interrupted  130 / 143        SIGINT / SIGTERM (a KeyboardInterrupt, so that
                                   psycopg cancels the statement in flight)
 
@@ -125,6 +126,19 @@ class Irreversible(RunnerError):
                "upgrade() (or the upgrade after it built another one)")
 
 
+class TargetsFailed(RunnerError):
+    """A fleet (DATABASE_URLS_FILE): some targets failed, not all with one code.
+
+    When every failed target shares one code the run exits with that code (the
+    instance's `exit_code`), so that the Job's podFailurePolicy still tells what
+    a retry can cure.
+    """
+
+    exit_code = 13
+    meaning = ("a fleet (DATABASE_URLS_FILE): targets failed with different exit codes (when every failed target "
+               "exits with one code, the run exits with that code); the summary lists each target's")
+
+
 class Interrupted(KeyboardInterrupt):
     """SIGINT or SIGTERM arrived; the exit code is 128 + the signal number."""
 
@@ -149,6 +163,7 @@ ERRORS: tuple[type[RunnerError], ...] = (
     SchemaDrift,
     LintFindings,
     Irreversible,
+    TargetsFailed,
 )
 
 EXIT_OK = 0

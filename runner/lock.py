@@ -45,9 +45,16 @@ _HOLDERS = """
 """
 
 
-def derive_key(database_name: str, schema: str, table: str) -> int:
-    """First 8 bytes of sha256("migration-runner:<database>:<schema>.<table>"), signed big-endian."""
-    return key_for(f"migration-runner:{database_name}:{schema}.{table}")
+def derive_key(database_name: str, schema: str, table: str, x_args: list[str] | tuple[str, ...] = ()) -> int:
+    """First 8 bytes of sha256("migration-runner:<database>:<schema>.<table>"), signed big-endian; with -x
+    items, " -x " and the items sorted, space-separated, are appended to the name.
+
+    Tenants of one database that env.py selects with -x (its own version table schema, set only once
+    env.py runs) must not wait for each other; without -x the key is what it always was."""
+    name = f"migration-runner:{database_name}:{schema}.{table}"
+    if x_args:
+        name += " -x " + " ".join(sorted(x_args))
+    return key_for(name)
 
 
 def key_for(name: str) -> int:
@@ -182,17 +189,19 @@ def describe_holders(rows: list[dict], sessions: list[dict] = ()) -> str:
     )
 
 
-def resolve_key(connection: psycopg.Connection, key: int | None, schema: str | None, table: str) -> int:
+def resolve_key(connection: psycopg.Connection, key: int | None, schema: str | None, table: str,
+                x_args: list[str] | tuple[str, ...] = ()) -> int:
     if key is not None:
         return key
     database_name, current_schema = connection.execute("SELECT current_database(), current_schema()").fetchone()
-    return derive_key(database_name, schema or current_schema, table)
+    return derive_key(database_name, schema or current_schema, table, x_args)
 
 
 @contextmanager
 def advisory_lock(url: URL, key: int | None, timeout: float, *, schema: str | None = None,
                   table: str = "alembic_version", sleep=time.sleep,
-                  second_session: psycopg.Connection | None = None) -> Iterator[Lock]:
+                  second_session: psycopg.Connection | None = None,
+                  x_args: list[str] | tuple[str, ...] = ()) -> Iterator[Lock]:
     """Hold the advisory lock for the body of the `with`; released on every exit path.
 
     `second_session`, an open connection to the same database, is closed here: if the lock
@@ -210,7 +219,7 @@ def advisory_lock(url: URL, key: int | None, timeout: float, *, schema: str | No
         raise connection_error(url, e) from None
     try:
         connection.execute(_KEEP_SESSION).fetchall()
-        key = resolve_key(connection, key, schema, table)
+        key = resolve_key(connection, key, schema, table, x_args)
         pid = connection.execute("SELECT pg_backend_pid()").fetchone()[0]
         started = time.monotonic()
         last_report = [None, 0.0]

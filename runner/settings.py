@@ -50,6 +50,24 @@ class Settings(BaseSettings):
     database_url_file: Path | None = Field(
         None, alias="DATABASE_URL_FILE",
         description="File holding the URL (a mounted Secret); exactly one of this and DATABASE_URL.")
+    database_urls_file: Path | None = Field(
+        None, alias="DATABASE_URLS_FILE",
+        description="A fleet: a file with one target per line, a URL optionally followed by `-x` items for env.py "
+                    "(`postgresql://app@db/shop tenant=acme`; blank lines and `#` comments ignored), each migrated "
+                    "by a runner process of its own; instead of DATABASE_URL (see Fleets).")
+    fleet_concurrency: int = Field(
+        4, ge=1, le=256, alias="MIGRATE_FLEET_CONCURRENCY",
+        description="A fleet: how many targets are migrated at once.")
+    fleet_canary: int = Field(
+        0, ge=0, alias="MIGRATE_FLEET_CANARY",
+        description="A fleet: migrate the first N targets (of this shard) first, and touch no other if one fails.")
+    fleet_shards: int = Field(
+        1, ge=1, alias="MIGRATE_FLEET_SHARDS",
+        description="A fleet split across the K pods of an Indexed Job: a pod takes the targets whose position "
+                    "(0-based, counting targets only) modulo K is its JOB_COMPLETION_INDEX.")
+    job_completion_index: int | None = Field(
+        None, ge=0, alias="JOB_COMPLETION_INDEX",
+        description="Set by Kubernetes in an Indexed Job's pods: the shard of the fleet this pod migrates.")
     database_password_file: Path | None = Field(
         None, alias="DATABASE_PASSWORD_FILE",
         description="File holding the password, read again at every login, so that a Vault agent or a CSI driver "
@@ -330,7 +348,7 @@ def quit_urls_from_env() -> list[str]:
 
 
 # Variables whose value may hold a password: an error about them never shows it.
-_UNECHOED = ("DATABASE_URL", "DATABASE_URL_FILE", "MIGRATE_QUIT_URLS", "MIGRATE_SCRATCH_DATABASE_URL",
+_UNECHOED = ("DATABASE_URL", "DATABASE_URL_FILE", "DATABASE_URLS_FILE", "MIGRATE_QUIT_URLS", "MIGRATE_SCRATCH_DATABASE_URL",
              "MIGRATE_PASSWORD_COMMAND")
 
 

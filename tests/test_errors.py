@@ -7,7 +7,7 @@ def test_exit_codes_are_distinct_and_documented():
     rows = errors.exit_codes()
     codes = [row["code"] for row in rows]
     assert len(codes) == len(set(codes))
-    assert {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 130, 143} == set(codes)
+    assert {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 130, 143} == set(codes)
     assert all(row["meaning"] for row in rows)
 
 

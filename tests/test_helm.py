@@ -521,6 +521,9 @@ def test_every_runner_variable_is_settable_from_values():
     # At most one source of a rotating password: the file in a rendering of its own.
     env |= env_of(container(render({"database": {"url": "postgresql://app@db.example.internal/app",
                                                  "passwordFile": "/vault/secrets/db-password"}})))
+    # A fleet's, from its own rendering; Kubernetes sets JOB_COMPLETION_INDEX in an Indexed Job's pods.
+    env |= env_of(container(render(FLEET)))
+    wanted.discard("JOB_COMPLETION_INDEX")
     assert wanted <= set(env), wanted - set(env)
     assert env["MIGRATE_WAIT_TIMEOUT"] == "30"
     assert env["MIGRATE_LOCK_TIMEOUT"] == "600.5"
@@ -2127,3 +2130,65 @@ def test_readme_expand_contract_release():
     assert "PostSync" in notes(deep_merge(values, {"mode": "argocd"}))
     assert "rolled out" in notes(deep_merge(values, {"mode": "job"}))
     assert "post Job" not in notes()
+
+
+# -- fleets (fleet.*) -------------------------------------------------------------------
+FLEET = {"database": {"url": None}, "fleet": {"enabled": True, "targetsSecret": {"name": "tenants", "key": "list"},
+                                              "shards": 3, "concurrency": 6, "canary": 2}}
+
+
+@pytest.mark.parametrize("mode", ["hook", "argocd", "job"])
+def test_fleet_renders_one_indexed_job_valid_on_every_supported_kubernetes(mode):
+    docs = render(deep_merge(FLEET, {"mode": mode}), tests=True)
+    for doc in docs:
+        validate(doc)
+    job = pre_job(docs)
+    assert kinds(docs).count("Job") == 1 and "Secret" not in kinds(docs)  # no URL to render into one
+    spec = job["spec"]
+    assert (spec["completionMode"], spec["completions"], spec["parallelism"]) == ("Indexed", 3, 3)
+    assert spec["backoffLimitPerIndex"] == 3 and "backoffLimit" not in spec
+    fail_index, ignore = spec["podFailurePolicy"]["rules"]
+    assert fail_index["action"] == "FailIndex" and set(fail_index["onExitCodes"]["values"]) == fatal_codes()
+    assert 13 in fail_index["onExitCodes"]["values"] and ignore["action"] == "Ignore"
+    env = env_of(container(docs, job))
+    assert env["DATABASE_URLS_FILE"] == "/etc/migration-runner/database/targets" and "DATABASE_URL_FILE" not in env
+    assert (env["MIGRATE_FLEET_SHARDS"], env["MIGRATE_FLEET_CONCURRENCY"], env["MIGRATE_FLEET_CANARY"]) == \
+        ("3", "6", "2")
+    volume = next(v for v in pod_spec(docs, job)["volumes"] if v["name"] == "migration-runner-database")
+    assert volume["secret"] == {"secretName": "tenants", "defaultMode": 0o444,
+                                "items": [{"key": "list", "path": "targets"}]}
+    if mode == "hook":
+        assert annotations(job)["helm.sh/hook"] == "pre-install,pre-upgrade"
+
+
+def test_fleet_refuses_values_that_cannot_work():
+    no_secret = deep_merge(FLEET, {"fleet": {"targetsSecret": {"name": ""}}})
+    assert "fleet.targetsSecret.name" in render_error(no_secret)
+    assert "verifyCronJob" in render_error(deep_merge(FLEET, {"verifyCronJob": {"enabled": True}}))
+    assert "postUpgrade" in render_error(deep_merge(FLEET, {"postUpgrade": {"enabled": True}}))
+    # Without fleet.enabled a database is still required.
+    assert "database.url" in render_error({"database": {"url": None}})
+
+
+def test_rendered_fleet_job_migrates_every_target_across_its_indexes(postgres, tmp_path):
+    names = [f"fleet_{index}_{tmp_path.name[-8:].lower()}" for index in range(4)]
+    urls = []
+    for name in names:
+        postgres.create_database(name, RUNNER_ROLE)
+        urls.append(postgres.url(name, RUNNER_ROLE, RUNNER_PASSWORD))
+    docs = render(deep_merge(FLEET, {"fleet": {"shards": 2, "canary": 0},
+                                     "config": {"waitTimeout": 10, "lockTimeout": 30}}))
+    # The Secret the chart's user creates, and the index Kubernetes gives each pod.
+    listing = "# tenants\n" + "\n".join(urls) + "\n"
+    docs.append({"kind": "Secret", "metadata": {"name": "tenants"},
+                 "data": {"list": base64.b64encode(listing.encode()).decode()}})
+    job = pre_job(docs)
+    seen = []
+    for index in range(2):
+        container(docs, job)["env"] = [e for e in container(docs, job)["env"] if e["name"] != "JOB_COMPLETION_INDEX"]
+        container(docs, job)["env"].append({"name": "JOB_COMPLETION_INDEX", "value": str(index)})
+        result, env = run_rendered_job(docs, tmp_path / f"root{index}", {dockerfile_facts()["workdir"]: EXAMPLE}, job)
+        assert result.returncode == 0, result
+        seen += [row["target"].rsplit("/", 1)[1] for row in result.last["targets"]]
+    assert sorted(seen) == sorted(names)
+    assert all(version_rows(url) == ["0003"] for url in urls)

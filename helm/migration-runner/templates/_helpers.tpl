@@ -272,7 +272,8 @@ Refuse values that cannot work, with a message saying what to set. The schema
 catches unknown keys and wrong types; these are the rules across keys.
 */}}
 {{- define "migration-runner.validate" -}}
-{{- if not (or .Values.database.existingSecret .Values.database.url) }}
+{{- include "migration-runner.validateFleet" . }}
+{{- if not (or .Values.database.existingSecret .Values.database.url .Values.fleet.enabled) }}
 {{- fail "migration-runner: set database.existingSecret (a Secret holding the URL under database.existingSecretKey) or database.url (rendered into a Secret); the runner has no database to migrate" }}
 {{- end }}
 {{- if and .Values.database.existingSecret (not .Values.database.existingSecretKey) }}
@@ -869,4 +870,24 @@ caller's when given.
 {{- if hasKey . "args" }}{{ $_ := set $params "args" .args }}{{ end }}
 {{- if hasKey . "command" }}{{ $_ := set $params "command" .command }}{{ end }}
 {{- include "migration-runner.initContainer" $params }}
+{{- end }}
+
+{{/*
+A fleet's settings (fleet.*): its targets come from their own Secret, so it needs no database.url, but what
+reads one database (the post Job, the verify CronJob) then has none.
+*/}}
+{{- define "migration-runner.validateFleet" -}}
+{{- if .Values.fleet.enabled }}
+{{- if not .Values.fleet.targetsSecret.name }}
+{{- fail "migration-runner: fleet.enabled needs fleet.targetsSecret.name, the Secret holding the targets file (one URL per line)" }}
+{{- end }}
+{{- if not (or .Values.database.existingSecret .Values.database.url) }}
+{{- if .Values.postUpgrade.enabled }}
+{{- fail "migration-runner: postUpgrade.enabled runs on database.url or database.existingSecret, which a fleet without them lacks; leave postUpgrade off with fleet.enabled" }}
+{{- end }}
+{{- if .Values.verifyCronJob.enabled }}
+{{- fail "migration-runner: verifyCronJob.enabled checks database.url or database.existingSecret, which a fleet without them lacks; leave verifyCronJob off with fleet.enabled" }}
+{{- end }}
+{{- end }}
+{{- end }}
 {{- end }}
