@@ -24,7 +24,7 @@ from alembic.script import ScriptDirectory
 from sqlalchemy.engine import URL, make_url
 
 from . import (baseline, credentials, database, drift, envpy, flaskapp, guard, lineage, log, migrate, revisions,
-               sessions, target)
+               sessions, target, telemetry)
 from . import lint as lint_
 from .errors import EXIT_OK, ConfigError, DatabaseUnreachable, LintFindings, PendingRevisions, SchemaDrift
 from .lock import Lock, advisory_lock
@@ -194,6 +194,7 @@ def _under_lock(settings: Settings, report: Report, url: URL, lock: Lock, script
         before(lock)
     progress = migrate.Progress()
 
+    @telemetry.traced("read back", result=lambda reached: {"migration.to_revisions": list(reached)})
     def read_back() -> tuple[str, ...]:
         # On a new connection: after a failure the lock's session may be gone too.
         with sessions.connect(url) as session:
@@ -244,6 +245,7 @@ def _let_ahead_through(settings: Settings, state: revisions.State, script: Scrip
                           "proven": verdict.proven})
 
 
+@telemetry.traced("read back", result=lambda reached: {"migration.to_revisions": list(reached)})
 def _read_back_after_success(lock, state: revisions.State) -> tuple[str, ...]:
     """The version table, read on the lock's session once env.py returned."""
     try:
