@@ -51,7 +51,7 @@ class _Run:
         if str(resource.attributes.get("service.name", "")).startswith("unknown_service"):
             # Neither OTEL_SERVICE_NAME nor OTEL_RESOURCE_ATTRIBUTES named it.
             resource = resource.merge(Resource({"service.name": SERVICE_NAME}))
-        self.span_exporter, self.metric_exporter = traces, metrics
+        self.span_exporter, self.metric_exporter = traces, metrics  # classes
         self.memory = InMemorySpanExporter()
         self.tracer_provider = TracerProvider(resource=resource)
         self.tracer_provider.add_span_processor(SimpleSpanProcessor(self.memory))
@@ -100,7 +100,7 @@ def start() -> None:
     for value in _header_values():  # bearer tokens, API keys: masked like a password
         _log().add_secret(value)
     try:
-        exporters = {signal: _exporter(signal) for signal in wanted}
+        exporters = {signal: _exporter(signal) for signal in wanted}  # a wrong protocol is said now
         _run = _Run(exporters.get("TRACES"), exporters.get("METRICS"))
     except ImportError as e:
         logger.warning("an OTLP endpoint is configured, but the otel extra is not installed "
@@ -129,7 +129,8 @@ def _header_values() -> list[str]:
 
 
 def _exporter(signal: str):
-    """The OTLP exporter of OTEL_EXPORTER_OTLP_(<signal>_)PROTOCOL; it reads the endpoint and headers itself."""
+    """The class of OTLP exporter OTEL_EXPORTER_OTLP_(<signal>_)PROTOCOL names; it reads the endpoint and headers
+    itself, and is made at exit with the flush timeout as its own (its retries end with it)."""
     protocol = (os.environ.get(f"OTEL_EXPORTER_OTLP_{signal}_PROTOCOL", "").strip()
                 or os.environ.get("OTEL_EXPORTER_OTLP_PROTOCOL", "").strip() or "http/protobuf").lower()
     if protocol == "grpc":
@@ -144,7 +145,7 @@ def _exporter(signal: str):
             from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter as Exporter
     else:
         raise ValueError(f"OTEL_EXPORTER_OTLP_PROTOCOL={protocol} is not supported (http/protobuf or grpc)")
-    return Exporter()
+    return Exporter
 
 
 # -- hooks: each a no-op when off ----------------------------------------------------
@@ -259,6 +260,7 @@ def finish(report, code: int, settings=None) -> None:
         logger.warning("telemetry not sent: %s", _log().redact(f"{type(e).__name__}: {e}"))
     # Whatever the exporters' threads still do after the timeout, they print nothing after the summary.
     logging.getLogger("opentelemetry").setLevel(logging.CRITICAL + 1)
+    logging.getLogger("opentelemetry").propagate = False
 
 
 def _flush_timeout(settings) -> float:
@@ -328,18 +330,23 @@ def _send(run: _Run, timeout: float) -> None:
     otel_logger = logging.getLogger("opentelemetry")
     otel_logger.addHandler(collected)
     otel_logger.propagate = False
+    for name, each in list(logging.Logger.manager.loggerDict.items()):
+        # env.py's fileConfig disables loggers it does not name, the exporters' among them.
+        if name.startswith("opentelemetry") and isinstance(each, logging.Logger):
+            each.disabled = False
 
     def export() -> None:
         try:
             if run.span_exporter is not None:
                 spans = run.memory.get_finished_spans()
-                if spans and run.span_exporter.export(spans).name != "SUCCESS":
-                    problems.append("traces refused")
+                if spans and run.span_exporter(timeout=timeout).export(spans).name != "SUCCESS":
+                    problems.append("traces not taken")
+                    return  # the same collector: its metrics exporter would only retry until the timeout
             if run.metric_exporter is not None:
                 data = run.reader.get_metrics_data()
-                if data is not None and run.metric_exporter.export(
+                if data is not None and run.metric_exporter(timeout=timeout).export(
                         data, timeout_millis=timeout * 1000).name != "SUCCESS":
-                    problems.append("metrics refused")
+                    problems.append("metrics not taken")
         except Exception as e:
             problems.append(f"{type(e).__name__}: {e}")
 
@@ -349,6 +356,7 @@ def _send(run: _Run, timeout: float) -> None:
     sender.join(timeout)
     if sender.is_alive():
         problems.append(f"the collector did not answer within {timeout:g}s (MIGRATE_OTEL_FLUSH_TIMEOUT)")
+    otel_logger.removeHandler(collected)
     if problems:
         detail = "; ".join(problems + collected.messages[:1])
         logger.warning("traces and metrics not sent to the OpenTelemetry collector: %s", _log().redact(detail),
