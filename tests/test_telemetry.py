@@ -119,6 +119,47 @@ def _attributes(items) -> dict:
     return {item.key: _value(item.value) for item in items}
 
 
+class GrpcReceiver(Receiver):
+    """The same collector over OTLP/gRPC (grpcio, the otel extra's gRPC exporter's own dependency)."""
+
+    def __init__(self) -> None:
+        from concurrent import futures
+
+        import grpc
+        from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2_grpc
+        from opentelemetry.proto.collector.trace.v1 import trace_service_pb2_grpc
+
+        self.mode, self.raw, self.headers, self.traces, self.metrics = "ok", [], [], [], []
+        receiver = self
+
+        def take(found: list, request, context, answer):
+            receiver.raw.append(request.SerializeToString())
+            receiver.headers.append(dict(context.invocation_metadata()))
+            found.append(request)
+            return answer
+
+        class Traces(trace_service_pb2_grpc.TraceServiceServicer):
+            def Export(self, request, context):
+                return take(receiver.traces, request, context, ExportTraceServiceResponse())
+
+        class Metrics(metrics_service_pb2_grpc.MetricsServiceServicer):
+            def Export(self, request, context):
+                return take(receiver.metrics, request, context, ExportMetricsServiceResponse())
+
+        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+        trace_service_pb2_grpc.add_TraceServiceServicer_to_server(Traces(), self.server)
+        metrics_service_pb2_grpc.add_MetricsServiceServicer_to_server(Metrics(), self.server)
+        self.port = self.server.add_insecure_port("127.0.0.1:0")
+        self.server.start()
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def close(self) -> None:
+        self.server.stop(None)
+
+
 @pytest.fixture
 def receiver():
     found = Receiver()
@@ -300,6 +341,22 @@ def test_a_configuration_error_is_traced_too(database_url, project, receiver):
     assert root["attributes"]["migration.exit_code"] == 2
     [command] = receiver.points("migration.command.duration")
     assert command["attributes"]["migration.outcome"] == "ConfigError"
+    assert_no_secret(receiver, result)
+
+
+def test_grpc_sends_the_same_trace_and_metrics(database_url, project):
+    receiver = GrpcReceiver()
+    try:
+        result = run_runner(otel_env(database_url, project, receiver.endpoint, OTEL_EXPORTER_OTLP_PROTOCOL="grpc"))
+    finally:
+        receiver.close()
+    assert result.returncode == 0, result
+    assert_summary_last(result)
+    assert not [r for r in result.records if r["level"] == "warning"], result
+    names = [span["name"] for span in receiver.spans()]
+    assert "migration-runner upgrade" in names
+    assert sorted(n for n in names if n.startswith("alembic")) == [f"alembic upgrade r000{i}" for i in (1, 2, 3)]
+    assert len(receiver.points("migration.revision.duration")) == 3
     assert_no_secret(receiver, result)
 
 
