@@ -204,6 +204,7 @@ def descendants(spans: list[dict], root: dict) -> list[dict]:
 
 
 # -- the span tree ---------------------------------------------------------------
+@pytest.mark.core  # also on SQLAlchemy 1.4 and psycopg2 in env.py: the hooks are in what both run
 def test_upgrade_of_three_revisions_is_one_trace_under_the_callers(database_url, database, project, receiver):
     trace_id, parent_id = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
     result = run_runner(otel_env(database_url, project, receiver.endpoint,
@@ -260,6 +261,7 @@ def _derived_key(database: str) -> int:
     return derive_key(database, "public", "alembic_version")
 
 
+@pytest.mark.core
 def test_a_failing_revision_is_an_error_span_and_the_root_an_error(database_url, tmp_path, receiver):
     revisions = chain(3)
     revisions[1].sql = ["SELECT * FROM no_such_table"]
