@@ -286,6 +286,24 @@ def test_a_failing_revision_is_an_error_span_and_the_root_an_error(database_url,
     assert_no_secret(receiver, result)
 
 
+def test_a_proven_baseline_and_its_stamp_are_spans(database_url, tmp_path, receiver):
+    ini = make_project(tmp_path / "p", [Rev("b0001", None, ["CREATE TABLE users (id serial PRIMARY KEY)"]),
+                                        Rev("b0002", "b0001", ["CREATE TABLE orders (id serial PRIMARY KEY)"])])
+    with psycopg.connect(database_url, autocommit=True) as legacy:  # as an application before Alembic made it
+        legacy.execute("CREATE TABLE users (id serial PRIMARY KEY)")
+    result = run_runner(otel_env(database_url, ini, receiver.endpoint, MIGRATE_BASELINE_REVISION="b0001",
+                                 MIGRATE_VERIFY_BASELINE="true"))
+    assert result.returncode == 0, result
+    spans = receiver.spans()
+    root = by_name(spans)["migration-runner upgrade"]
+    assert by_name(spans)["prove baseline"]["attributes"]["migration.revision"] == "b0001"
+    assert by_name(spans)["stamp baseline"]["attributes"]["migration.revision"] == "b0001"
+    assert [s["name"] for s in spans if s["name"].startswith("alembic")] == ["alembic upgrade b0002"]
+    assert by_name(spans)["read state"]["attributes"]["migration.state"] == "legacy"
+    assert all(s["parent"] == root["id"] for s in spans if s is not root)
+    assert_no_secret(receiver, result)
+
+
 def test_a_lock_wait_behind_another_runner_names_the_holder(database_url, tmp_path, postgres, database, receiver):
     # The first runner's revision waits for a lock the test holds: it holds the runner's lock until then.
     ini = make_project(tmp_path / "p", [Rev("r0001", None, ["SELECT pg_advisory_xact_lock(4242)",
