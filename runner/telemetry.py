@@ -23,6 +23,7 @@ import threading
 import time
 from contextlib import contextmanager
 from typing import Callable, Iterator
+from urllib.parse import unquote
 
 logger = logging.getLogger("runner.telemetry")
 
@@ -117,14 +118,13 @@ def _log():
 
 
 def _header_values() -> list[str]:
+    """Every header value, as given and decoded, and the token alone of `Bearer <token>`."""
     values = []
     for key in ("OTEL_EXPORTER_OTLP_HEADERS", "OTEL_EXPORTER_OTLP_TRACES_HEADERS", "OTEL_EXPORTER_OTLP_METRICS_HEADERS"):
         for item in os.environ.get(key, "").split(","):
             if "=" in item:
                 value = item.split("=", 1)[1].strip()
-                from urllib.parse import unquote
-
-                values += [value, unquote(value)]
+                values += [value, unquote(value), *unquote(value).split()[1:]]
     return values
 
 

@@ -169,7 +169,7 @@ def receiver():
 
 def otel_env(url, ini, endpoint: str, **extra) -> dict:
     return runner_env(url, ini, OTEL_EXPORTER_OTLP_ENDPOINT=endpoint,
-                      OTEL_EXPORTER_OTLP_HEADERS=f"authorization=Bearer {TOKEN}", **extra)
+                      OTEL_EXPORTER_OTLP_HEADERS=f"authorization=Bearer%20{TOKEN}", **extra)
 
 
 def by_name(spans: list[dict]) -> dict[str, dict]:
@@ -265,9 +265,12 @@ def _derived_key(database: str) -> int:
 def test_a_failing_revision_is_an_error_span_and_the_root_an_error(database_url, tmp_path, receiver):
     revisions = chain(3)
     revisions[1].sql = ["SELECT * FROM no_such_table"]
+    # A project that prints the collector's token (alone, without "Bearer"): masked like a password.
+    revisions[0].python = 'import os\nprint("token", os.environ["OTEL_EXPORTER_OTLP_HEADERS"].split("%20")[1])'
     ini = make_project(tmp_path / "p", revisions)
     result = run_runner(otel_env(database_url, ini, receiver.endpoint))
     assert result.returncode == 7, result
+    assert "token ***" in result.events()
     assert_consistent(database_url, [])  # the template env.py: one transaction, all rolled back
     assert_summary_last(result)
     spans = by_name(receiver.spans())
