@@ -382,6 +382,19 @@ def test_grpc_sends_the_same_trace_and_metrics(database_url, project):
     assert_no_secret(receiver, result)
 
 
+def test_check_is_traced_and_an_error_exactly_when_it_exits_non_zero(database_url, project, receiver):
+    pending = run_runner(otel_env(database_url, project, receiver.endpoint), "check")
+    assert pending.returncode == 9, pending
+    assert run_runner(runner_env(database_url, project)).returncode == 0
+    current = run_runner(otel_env(database_url, project, receiver.endpoint), "check")
+    assert current.returncode == 0, current
+    roots = [s for s in receiver.spans() if s["name"] == "migration-runner check"]
+    assert [(r["error"], r["attributes"]["migration.exit_code"]) for r in roots] == [(True, 9), (False, 0)]
+    assert roots[0]["attributes"]["error.type"] == "PendingRevisions" and "error.type" not in roots[1]["attributes"]
+    states = [s["attributes"]["migration.state"] for s in receiver.spans() if s["name"] == "read state"]
+    assert states == ["fresh", "current"]
+
+
 # -- a collector that is not there, refuses, or hangs ------------------------------------------------
 @pytest.mark.parametrize("mode", ["refuse", "hang", "down"])
 def test_a_collector_down_refusing_or_hanging_costs_one_warning(database_url, project, mode):
