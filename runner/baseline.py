@@ -30,7 +30,7 @@ from psycopg import sql
 from sqlalchemy import event, pool
 from sqlalchemy.engine import URL
 
-from . import database, envpy, guard, revisions, sessions
+from . import database, envpy, guard, revisions, sessions, telemetry
 from .errors import ConfigError, DatabaseUnreachable, LegacyDatabase, LockTimeout, RunnerError
 from .lock import Lock, key_for, lock_ids
 
@@ -77,6 +77,7 @@ def scratch_name(database_name: str, lock_key: int) -> str:
     return "migration_runner_scratch_" + hashlib.sha256(f"{database_name}:{lock_key}".encode()).hexdigest()[:16]
 
 
+@telemetry.traced("prove baseline", lambda config_for, baseline, **_: {"migration.revision": baseline})
 def prove(config_for: Callable[[URL], Config], baseline: str, *, url: URL, given: URL, schema: str, table: str,
           lock: Lock, scratch: URL | None, lock_timeout: float) -> None:
     """Build `baseline` in a scratch database through env.py and compare it with the database at `url`;

@@ -11,7 +11,7 @@ import signal
 import sys
 from pathlib import Path
 
-from . import flaskapp, fleet, guard, history, log, sidecars, stack_versions
+from . import flaskapp, fleet, guard, history, log, sidecars, stack_versions, telemetry
 from .commands import COMMANDS
 from .envpy import EarlyExit
 from .errors import EXIT_BUG, ConfigError, Interrupted, RunnerError, markdown_table
@@ -112,6 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     # In the format asked for from the first line on: a usage error is a log line like the rest.
     fmt = os.environ.get("MIGRATE_LOG_FORMAT", "").strip().lower()
     log.setup(fmt if fmt in ("text", "json") else None)
+    telemetry.start()  # the root span covers every path, a usage error included
     report = Report(command="(unparsed)")
     settings = None
     try:
@@ -158,6 +159,8 @@ def main(argv: list[str] | None = None) -> int:
         report.outcome, report.message, code = "bug", f"unexpected error: {type(e).__name__}: {e}", EXIT_BUG
     # Before the sidecars go (a proxy may carry the connection): the run's row gets its outcome.
     history.finish(report.outcome, code, report.from_revision, report.to_revision)
+    # Sent (or given up on) before the summary, which stays the last line.
+    telemetry.finish(report, code, settings)
     # The outcome is known and the lock released: the sidecars can go. Before the summary, which
     # stays the last line; also after invalid settings, or the pod would never complete.
     sidecars.stop(settings.quit_url_list() if settings else quit_urls_from_env())

@@ -24,7 +24,7 @@ from alembic.script import ScriptDirectory
 from sqlalchemy.engine import URL, make_url
 
 from . import (baseline, credentials, database, drift, envpy, flaskapp, guard, lineage, log, migrate, revisions,
-               sessions, target)
+               sessions, target, telemetry)
 from . import history as history_
 from . import lint as lint_
 from . import roundtrip as roundtrip_
@@ -202,6 +202,7 @@ def _under_lock(settings: Settings, report: Report, url: URL, lock: Lock, script
         before(lock)
     progress = migrate.Progress()
 
+    @telemetry.traced("read back", result=lambda reached: {"migration.to_revisions": list(reached)})
     def read_back() -> tuple[str, ...]:
         # On a new connection: after a failure the lock's session may be gone too.
         with sessions.connect(url) as session:
@@ -252,6 +253,7 @@ def _let_ahead_through(settings: Settings, state: revisions.State, script: Scrip
                           "proven": verdict.proven})
 
 
+@telemetry.traced("read back", result=lambda reached: {"migration.to_revisions": list(reached)})
 def _read_back_after_success(lock, state: revisions.State) -> tuple[str, ...]:
     """The version table, read on the lock's session once env.py returned."""
     try:

@@ -22,7 +22,7 @@ import tenacity
 from psycopg.rows import dict_row
 from sqlalchemy.engine import URL
 
-from . import database, sessions
+from . import database, sessions, telemetry
 from .errors import ConfigError, LockTimeout
 from .wait import connection_error
 
@@ -235,6 +235,7 @@ def advisory_lock(url: URL, key: int | None, timeout: float, *, schema: str | No
             # Say who holds it when that changes, and every 15 s otherwise.
             if who != last_report[0] or waited - last_report[1] >= 15:
                 last_report[:] = [who, waited]
+                telemetry.annotate({"migration.lock.holder": who})  # on the lock's span: who it waited for
                 logger.info("waiting for lock %d, held by %s; waited %.0fs of %gs",
                             key, who, waited, timeout, extra={**_key_fields(key), "holders": rows})
 
@@ -245,20 +246,22 @@ def advisory_lock(url: URL, key: int | None, timeout: float, *, schema: str | No
             before_sleep=report,
             sleep=sleep,
         )
-        try:
-            retrying(try_lock)
-        except tenacity.RetryError:
-            rows = holders(connection, key)
-            pids = ", ".join(str(row["pid"]) for row in rows) or "<pid>"
-            raise LockTimeout(
-                f"lock {key} not acquired within {timeout:g}s (MIGRATE_LOCK_TIMEOUT); held by "
-                f"{describe_holders(rows, migrating(connection, key))}; if that session is stuck, end it with: "
-                f"SELECT pg_terminate_backend({pids});") from None
-        lock = Lock(key=key, connection=connection, pid=pid, waited=time.monotonic() - started, url=url)
-        _refuse_transaction_pooling(lock, second_session)
-        close_spare()
-        _wait_for_fence(connection, lock.fence, max(1.0, timeout - lock.waited), sleep)
-        lock.waited = time.monotonic() - started
+        with telemetry.span("acquire lock", {"migration.lock.key": str(key)}) as annotate:
+            try:
+                retrying(try_lock)
+            except tenacity.RetryError:
+                rows = holders(connection, key)
+                pids = ", ".join(str(row["pid"]) for row in rows) or "<pid>"
+                raise LockTimeout(
+                    f"lock {key} not acquired within {timeout:g}s (MIGRATE_LOCK_TIMEOUT); held by "
+                    f"{describe_holders(rows, migrating(connection, key))}; if that session is stuck, end it with: "
+                    f"SELECT pg_terminate_backend({pids});") from None
+            lock = Lock(key=key, connection=connection, pid=pid, waited=time.monotonic() - started, url=url)
+            _refuse_transaction_pooling(lock, second_session)
+            close_spare()
+            _wait_for_fence(connection, lock.fence, max(1.0, timeout - lock.waited), sleep)
+            lock.waited = time.monotonic() - started
+            annotate({"migration.lock.wait": lock.waited})
         logger.info("lock %d acquired after %.1fs", key, lock.waited, extra={**_key_fields(key), "lock_wait": round(lock.waited, 3)})
         yield lock
     finally:

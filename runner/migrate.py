@@ -24,7 +24,7 @@ from alembic.script import ScriptDirectory
 from sqlalchemy import MetaData, Table, event, text
 from sqlalchemy.engine import Engine
 
-from . import database, envpy, lineage, log, revisions, target
+from . import database, envpy, lineage, log, revisions, target, telemetry
 from .errors import ConfigError, DatabaseUnreachable, RevisionFailed, RunnerError
 from .guard import LockLost, Watchdog, describe_blockers
 
@@ -76,6 +76,8 @@ def upgrade(config: Config, script: ScriptDirectory, progress: Progress,
         if not current:
             context._ensure_version_table()
         stamps = script._stamp_revs(baseline, current) if baseline else []
+        if baseline:  # written in the upgrade's transaction, with its first step: a point in the trace
+            telemetry.mark("stamp baseline", {"migration.revision": baseline})
         return [*stamps, *upgrades]
 
     _run(config, script, progress, plan, record, {**(expected or {}), "tables_before": tables_before, "goal": goal},
@@ -184,7 +186,8 @@ def _timed(migration_fn, revision, progress: Progress, verb: str):
         started = progress.started = time.monotonic()
         progress.inside = True
         try:
-            migration_fn(**kwargs)
+            with telemetry.revision(revision, verb):
+                migration_fn(**kwargs)
         except BaseException:
             progress.raised_inside = True
             raise

@@ -20,7 +20,7 @@ from psycopg import sql
 from sqlalchemy import MetaData, Table, text
 from sqlalchemy.engine import URL, Connection
 
-from . import envpy, lineage, target
+from . import envpy, lineage, target, telemetry
 from .errors import ConfigError, DatabaseAhead, LegacyDatabase, MultipleHeads
 
 logger = logging.getLogger("runner")
@@ -239,6 +239,9 @@ def database_state(config: Config, script: ScriptDirectory, *, version_table: st
     return found[0]
 
 
+@telemetry.traced("read state", result=lambda state: {
+    "migration.state": state.kind, "migration.from_revisions": list(state.current),
+    "migration.pending": [revision.revision for revision in state.pending or ()]})
 def observe(context, script: ScriptDirectory, *, version_table: str | None = None,
             version_table_schema: str | None = None, tables_before: frozenset[int] | None = None,
             goal: target.Target | None = None) -> State:

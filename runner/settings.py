@@ -172,6 +172,11 @@ class Settings(BaseSettings):
     progress_interval: float = Field(
         15, gt=0, alias="MIGRATE_PROGRESS_INTERVAL",
         description="Seconds between lines saying a long revision is still running, and on what it waits.")
+    otel_flush_timeout: float = Field(
+        1, gt=0, alias="MIGRATE_OTEL_FLUSH_TIMEOUT",
+        description="Seconds the runner gives the OpenTelemetry collector, at exit, to take the run's traces and "
+                    "metrics (the otel extra, with OTEL_EXPORTER_OTLP_ENDPOINT set: see Tracing and metrics); a "
+                    "collector down or slower costs a warning, never the exit code.")
     termination_log: Path | None = Field(
         None, alias="MIGRATE_TERMINATION_LOG",
         description="File for the final JSON summary; default /dev/termination-log when it is writable.")

@@ -9,7 +9,7 @@ import psycopg
 import tenacity
 from sqlalchemy.engine import URL
 
-from . import credentials, database, sessions
+from . import credentials, database, sessions, telemetry
 from .database import first_line, invalid_reason
 from .errors import ConfigError, DatabaseUnreachable, RunnerError
 
@@ -70,6 +70,7 @@ class OnStandby(Exception):
         self.server = server
 
 
+@telemetry.traced("wait for the database", lambda url, *_, **__: telemetry.database(url))
 def first_login(url: URL, timeout: float, sleep=time.sleep, *,
                 primary: bool = False) -> tuple[int, psycopg.Connection]:
     """`wait_for_database`, keeping the session that logged in open (no transaction): the caller closes it.

@@ -200,6 +200,9 @@ COMBINATIONS = {
                    "imagePullSecrets": [{"name": "regcred"}], "priorityClassName": "low",
                    "podAnnotations": {"example.com/team": "db"}, "podLabels": {"team": "db"},
                    "job": {"annotations": {"example.com/owner": "db"}, "labels": {"tier": "migrations"}}},
+    "otel": {"otel": {"endpoint": "http://otel-collector.observability:4318", "protocol": "http/protobuf",
+                      "headersSecret": {"name": "otel-auth", "key": "headers"}, "flushTimeout": 2.5},
+             "postUpgrade": {"enabled": True}, "verifyCronJob": {"enabled": True}},
     "env": {"extraEnv": [{"name": "PGSSLMODE", "value": "require"},
                          {"name": "TZ", "valueFrom": {"configMapKeyRef": {"name": "tz", "key": "tz"}}}],
             "envFrom": [{"secretRef": {"name": "pg-certs"}}]},
@@ -524,6 +527,7 @@ def test_every_runner_variable_is_settable_from_values():
     # A fleet's, from its own rendering; Kubernetes sets JOB_COMPLETION_INDEX in an Indexed Job's pods.
     env |= env_of(container(render(FLEET)))
     wanted.discard("JOB_COMPLETION_INDEX")
+    env |= env_of(container(render(COMBINATIONS["otel"])))  # only with an OpenTelemetry endpoint
     assert wanted <= set(env), wanted - set(env)
     assert env["MIGRATE_WAIT_TIMEOUT"] == "30"
     assert env["MIGRATE_LOCK_TIMEOUT"] == "600.5"
@@ -548,6 +552,34 @@ def test_unset_settings_leave_the_runner_defaults():
     assert set(env) == {"DATABASE_URL_FILE", "MIGRATE_IMAGE", "MIGRATE_LOG_FORMAT", "MIGRATE_LOG_LEVEL", "MIGRATE_TARGET"}
     assert env["MIGRATE_TARGET"] == "heads"
     assert "ALEMBIC_CONFIG" not in env  # the image's own ALEMBIC_CONFIG applies
+
+
+def test_otel_values_reach_every_runner_with_the_pods_identity():
+    docs = render(COMBINATIONS["otel"])
+    cron = only(docs, "CronJob")["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+    jobs = [c for c in (container(docs), container(docs, post_job(docs)))]
+    jobs += [c for c in cron["containers"] if c["name"] == CONTAINER]
+    assert len(jobs) == 3
+    for c in jobs:
+        env = {e["name"]: e for e in c["env"]}
+        assert env["OTEL_EXPORTER_OTLP_ENDPOINT"]["value"] == "http://otel-collector.observability:4318"
+        assert env["OTEL_EXPORTER_OTLP_PROTOCOL"]["value"] == "http/protobuf"
+        assert env["MIGRATE_OTEL_FLUSH_TIMEOUT"]["value"] == "2.5"
+        # The headers (a collector's token) come from the user's Secret, never from values.
+        assert env["OTEL_EXPORTER_OTLP_HEADERS"]["valueFrom"] == {"secretKeyRef": {"name": "otel-auth", "key": "headers"}}
+        assert env["K8S_POD_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+        assert env["K8S_NAMESPACE_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.namespace"
+        assert env["K8S_JOB_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.labels['job-name']"
+        assert env["OTEL_RESOURCE_ATTRIBUTES"]["value"] == (
+            "k8s.pod.name=$(K8S_POD_NAME),k8s.namespace.name=$(K8S_NAMESPACE_NAME),k8s.job.name=$(K8S_JOB_NAME)")
+        # Kubernetes expands $(VAR) only from variables defined before it.
+        names = [e["name"] for e in c["env"]]
+        assert max(names.index(n) for n in ("K8S_POD_NAME", "K8S_NAMESPACE_NAME", "K8S_JOB_NAME")) < \
+            names.index("OTEL_RESOURCE_ATTRIBUTES")
+    # A headers Secret is optional; no endpoint renders none of it.
+    env = env_of(container(render({"otel": {"endpoint": "http://collector:4318"}})))
+    assert "OTEL_EXPORTER_OTLP_HEADERS" not in env and "OTEL_EXPORTER_OTLP_PROTOCOL" not in env
+    assert not [n for n in env_of(container(render({"otel": {"headersSecret": {"name": "x"}}}))) if "OTEL" in n]
 
 
 def test_extra_env_and_env_from():

@@ -560,8 +560,56 @@ post Job's postUpgrade.target.
   value: {{ toString $value | quote }}
 {{- end }}
 {{- end }}
+{{- include "migration-runner.otelEnv" (dict "otel" $v.otel "job" $forJob) }}
 {{- with $v.extraEnv }}
 {{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{/*
+OpenTelemetry's own variables, only with otel.endpoint set (nothing rendered
+otherwise, so the Job's name hash stays what it was). The resource attributes
+come from the downward API; k8s.job.name only in the chart's Jobs, whose pods
+carry the job-name label (an application pod's init container has none).
+*/}}
+{{- define "migration-runner.otelEnv" -}}
+{{- $otel := .otel | default dict }}
+{{- if $otel.endpoint }}
+- name: OTEL_EXPORTER_OTLP_ENDPOINT
+  value: {{ $otel.endpoint | quote }}
+{{- with $otel.protocol }}
+- name: OTEL_EXPORTER_OTLP_PROTOCOL
+  value: {{ . | quote }}
+{{- end }}
+{{- with ($otel.headersSecret | default dict) }}
+{{- if .name }}
+- name: OTEL_EXPORTER_OTLP_HEADERS
+  valueFrom:
+    secretKeyRef:
+      name: {{ .name | quote }}
+      key: {{ .key | default "headers" | quote }}
+{{- end }}
+{{- end }}
+{{- if not (kindIs "invalid" $otel.flushTimeout) }}
+- name: MIGRATE_OTEL_FLUSH_TIMEOUT
+  value: {{ toString $otel.flushTimeout | quote }}
+{{- end }}
+- name: K8S_POD_NAME
+  valueFrom:
+    fieldRef:
+      fieldPath: metadata.name
+- name: K8S_NAMESPACE_NAME
+  valueFrom:
+    fieldRef:
+      fieldPath: metadata.namespace
+{{- if .job }}
+- name: K8S_JOB_NAME
+  valueFrom:
+    fieldRef:
+      fieldPath: metadata.labels['job-name']
+{{- end }}
+- name: OTEL_RESOURCE_ATTRIBUTES
+  value: {{ printf "k8s.pod.name=$(K8S_POD_NAME),k8s.namespace.name=$(K8S_NAMESPACE_NAME)%s" (ternary ",k8s.job.name=$(K8S_JOB_NAME)" "" (.job | default false)) | quote }}
 {{- end }}
 {{- end }}
 
