@@ -23,8 +23,8 @@ from alembic.config import Config
 from alembic.script import ScriptDirectory
 from sqlalchemy.engine import URL, make_url
 
-from . import (baseline, credentials, database, drift, envpy, flaskapp, guard, lineage, log, migrate, revisions,
-               sessions, target)
+from . import (baseline, credentials, database, drift, envpy, fastpath, flaskapp, guard, lineage, log, migrate,
+               revisions, sessions, target)
 from . import lint as lint_
 from .errors import EXIT_OK, ConfigError, DatabaseUnreachable, LintFindings, PendingRevisions, SchemaDrift
 from .lock import Lock, advisory_lock
@@ -55,7 +55,8 @@ def upgrade(settings: Settings, report: Report) -> int:
             return baseline
 
         def run(progress: migrate.Progress, decide: Callable) -> None:
-            migrate.upgrade(config, script, progress, decide, record=lineage.of(script, settings.image),
+            migrate.upgrade(config, script, progress, decide,
+                            record=lineage.of(script, settings.image, fastpath.record(settings)),
                             expected=_expected_version_table(settings), tables_before=project.tables_before,
                             goal=goal)
 
