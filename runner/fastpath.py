@@ -243,7 +243,8 @@ def connect_params(settings) -> dict | None:
     for name, value in LIBPQ_DEFAULTS.items():
         libpq.setdefault(name, value)
     libpq["connect_timeout"] = str(min(int(libpq["connect_timeout"] or 0) or _CONNECT_TIMEOUT, _CONNECT_TIMEOUT))
-    where = json.dumps([match["host"], port or "", match["dbname"], user or "", sorted(query)])
+    # The server the lock was held on, not the database: a pooler is configured per host and port.
+    where = json.dumps([match["host"], port or "", user or "", sorted(query)])
     return {"libpq": libpq, "endpoint": hashlib.sha256(where.encode()).hexdigest()[:16],
             "url": {"username": user, "password": password, "host": match["host"],
                     "port": int(port) if port else None, "query": dict(query)}}
