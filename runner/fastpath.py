@@ -58,8 +58,6 @@ _SCHEMES = ("postgresql", "postgres", "postgresql+psycopg2", "postgresql+psycopg
 _LIBPQ = frozenset({"sslmode", "sslrootcert", "sslcert", "sslkey", "sslcrl", "connect_timeout", "application_name",
                     "target_session_attrs", "options", "keepalives", "keepalives_idle", "keepalives_interval",
                     "keepalives_count", "tcp_user_timeout", "gssencmode", "channel_binding", "require_auth"})
-# Long enough for a server that is up; one that is not is the full path's to wait for.
-_CONNECT_TIMEOUT = 3
 
 _FIND = f"""
     SELECT n.nspname, c.relname, pg_is_in_recovery(), j.rec -> 'heads', j.rec -> 'fast'
@@ -242,7 +240,6 @@ def connect_params(settings) -> dict | None:
 
     for name, value in LIBPQ_DEFAULTS.items():
         libpq.setdefault(name, value)
-    libpq["connect_timeout"] = str(min(int(libpq["connect_timeout"] or 0) or _CONNECT_TIMEOUT, _CONNECT_TIMEOUT))
     # The server the lock was held on, not the database: a pooler is configured per host and port.
     where = json.dumps([match["host"], port or "", user or "", sorted(query)])
     return {"libpq": libpq, "endpoint": hashlib.sha256(where.encode()).hexdigest()[:16],

@@ -524,6 +524,7 @@ post Job's postUpgrade.target.
   "verifyBaseline" "MIGRATE_VERIFY_BASELINE"
   "allowMultipleHeads" "MIGRATE_ALLOW_MULTIPLE_HEADS"
   "allowAhead" "MIGRATE_ALLOW_AHEAD"
+  "fastPath" "MIGRATE_FAST_PATH"
   "versionTable" "MIGRATE_VERSION_TABLE"
   "versionTableSchema" "MIGRATE_VERSION_TABLE_SCHEMA"
   "applicationName" "MIGRATE_APPLICATION_NAME"
