@@ -24,6 +24,9 @@ from runner.lineage import PREFIX
 from .conftest import RUNNER_PASSWORD, RUNNER_ROLE, Result, run_runner, runner_env, version_rows
 from .fidelity import run_alembic, schema_dump, sqlalchemy_url, version_table_rows
 from .projects import Rev, add_revisions, chain, make_project
+from .postgres import wait_for_replay
+from .test_flask import app_env, flask_project  # noqa: F401 (a fixture)
+from .test_ha import pair  # noqa: F401 (a fixture)
 
 SUMMARY = ("outcome", "exit_code", "from_revision", "to_revision", "applied", "pending", "target")
 
@@ -298,3 +301,29 @@ def test_the_digest_covers_the_files_env_py_and_settings_but_not_bytecode(line, 
     assert fastpath.digest(Settings()) not in (None, first)
     monkeypatch.setenv("FLASK_APP", "shop")
     assert fastpath.digest(Settings()) is None
+
+
+# -- a standby; a Flask application ----------------------------------------------------------------------
+def test_a_standby_answers_check_fast_and_leaves_upgrade_to_the_full_path(pair, line):
+    primary, standby = pair
+    source = migrated(primary, line)
+
+    def on_standby(name: str) -> str:
+        wait_for_replay(standby, primary)  # the twin made on the primary
+        return standby.url(name, RUNNER_ROLE, RUNNER_PASSWORD)
+
+    checked = compare(primary, source, line, "check", url=on_standby)
+    assert took_fast_path(checked) and checked.returncode == 0
+    # The full path waits for a writable primary, then exits 3: so must the fast one.
+    upgraded = compare(primary, source, line, "upgrade", url=on_standby, MIGRATE_WAIT_TIMEOUT="1")
+    assert not took_fast_path(upgraded) and upgraded.returncode == 3
+
+
+def test_a_flask_application_is_left_to_the_full_path(postgres, flask_project):
+    url = url_of(postgres, fresh(postgres))
+    env = app_env(url)
+    assert run_runner(env, cwd=flask_project.root).returncode == 0
+    for command in ("upgrade", "check"):
+        again = run_runner(env, command, cwd=flask_project.root)
+        assert again.returncode == 0 and again.last["outcome"] == "current", again
+        assert not took_fast_path(again)
