@@ -25,6 +25,7 @@ MIGRATE_FAST_PATH=false turns it off.
 from __future__ import annotations
 
 import configparser
+import functools
 import hashlib
 import json
 import logging
@@ -146,6 +147,15 @@ def record(settings) -> dict:
 
 def digest(settings) -> str | None:
     """sha256 of what decides env.py's version table and the scripts' heads; None when it cannot be told."""
+    try:
+        return _digest(settings, os.getcwd())
+    except TypeError:  # settings that cannot be a cache key
+        return _digest.__wrapped__(settings, os.getcwd())
+
+
+@functools.lru_cache(maxsize=4)
+def _digest(settings, cwd: str) -> str | None:
+    # Cached: a run the fast path left to the full path hashes the files once, not again as it records them.
     if settings.flask_app:  # the application's factory configures Flask-Migrate: not files we can hash
         return None
     ini = Path(settings.alembic_config).absolute()
