@@ -13,6 +13,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import sys
 import uuid
 from pathlib import Path
 
@@ -102,6 +104,29 @@ def test_at_the_heads_each_command_answers_fast_and_as_the_full_path(postgres, l
     assert fast.last["to_revision"] == ["r0003"]
     # Not a line of alembic's or of the full path's: env.py did not run.
     assert not any(record["logger"].startswith("alembic") for record in fast.records)
+
+
+def imported(argv: list[str], env: dict, cwd: Path) -> tuple[int, set[str]]:
+    """The exit code of `python -m runner <argv>`, and the top-level packages it imported (-X importtime)."""
+    proc = subprocess.run([sys.executable, "-X", "importtime", "-m", "runner", *argv], env=env, capture_output=True,
+                          text=True, timeout=120, cwd=cwd)
+    return proc.returncode, {line.split("|")[-1].strip().split(".")[0] for line in proc.stderr.splitlines()
+                             if line.startswith("import time:")}
+
+
+HEAVY = {"alembic", "sqlalchemy", "flask", "mako"}
+
+
+def test_the_fast_path_help_and_version_import_neither_alembic_nor_sqlalchemy(postgres, line):
+    env = runner_env(url_of(postgres, migrated(postgres, line)), line)
+    code, modules = imported(["check"], env, line.parent)
+    assert code == 0 and "psycopg" in modules and not modules & HEAVY, sorted(modules & HEAVY)
+    for flag in ("--help", "--version"):
+        code, modules = imported([flag], env, line.parent)
+        assert code == 0 and not modules & (HEAVY | {"psycopg"}), (flag, sorted(modules & (HEAVY | {"psycopg"})))
+    # The full path, for contrast: the same check with the fast path off loads them.
+    code, modules = imported(["check"], {**env, "MIGRATE_FAST_PATH": "false"}, line.parent)
+    assert code == 0 and {"alembic", "sqlalchemy"} <= modules
 
 
 def test_a_password_file_still_applies_to_the_fast_paths_login(postgres, line, tmp_path):
