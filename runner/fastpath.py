@@ -1,4 +1,4 @@
-"""The no-op proven without alembic or SQLAlchemy: one login, one query, against the lineage's digest.
+"""The no-op proven without alembic or SQLAlchemy: one login, two short queries, against the lineage's digest.
 
 Nearly every run of `upgrade`, `check` and `wait` finds the database at the
 heads, and most of such a run would be importing alembic and SQLAlchemy and
