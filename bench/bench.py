@@ -38,8 +38,9 @@ ALEMBIC = shutil.which("alembic", path=str(BIN)) or "alembic"
 
 
 class Run:
-    def __init__(self, seconds: float, maxrss_kib: int, returncode: int, cpu: float = 0.0) -> None:
+    def __init__(self, seconds: float, maxrss_kib: int, returncode: int, cpu: float = 0.0, fast: int = 0) -> None:
         self.seconds, self.maxrss_kib, self.returncode, self.cpu = seconds, maxrss_kib, returncode, cpu
+        self.fast = fast  # runner processes that answered by the fast path (runner/fastpath.py)
 
 
 def spawn(tool: str, ini: Path, url: str) -> subprocess.Popen:
@@ -66,7 +67,8 @@ def reap(proc: subprocess.Popen, started: float) -> Run:
     proc.log.close()
     if proc.returncode:
         raise SystemExit(f"{proc.args[0]} exited {proc.returncode}:\n{err[-3000:]}")
-    return Run(seconds, usage.ru_maxrss, proc.returncode, usage.ru_utime + usage.ru_stime)
+    return Run(seconds, usage.ru_maxrss, proc.returncode, usage.ru_utime + usage.ru_stime,
+               fast=int('"fast_path": true' in err))
 
 
 def run(tool: str, ini: Path, url: str) -> Run:
@@ -74,16 +76,46 @@ def run(tool: str, ini: Path, url: str) -> Run:
     return reap(spawn(tool, ini, url), started)
 
 
-def run_many(tool: str, ini: Path, url: str, n: int) -> tuple[float, int]:
-    """n processes at once; the wall time until the last exits, and the largest peak RSS."""
+def run_many(tool: str, ini: Path, url: str, n: int) -> Run:
+    """n processes at once: the wall time until the last exits, their CPU time summed, the largest peak RSS."""
     started = time.perf_counter()
     procs = [spawn(tool, ini, url) for _ in range(n)]
     runs = [reap(p, started) for p in procs]
-    return time.perf_counter() - started, max(r.maxrss_kib for r in runs)
+    return Run(time.perf_counter() - started, max(r.maxrss_kib for r in runs), 0, sum(r.cpu for r in runs),
+               fast=sum(r.fast for r in runs))
+
+
+class Logins:
+    """Logins to one database, from pg_stat_database.sessions (counted as each session ends)."""
+
+    def __init__(self, server, database: str) -> None:
+        self.server, self.database = server, database
+
+    def count(self) -> int:
+        # Read from another database, so that this session is not one of those counted.
+        with self.server.connect("postgres") as conn:
+            conn.execute("SELECT pg_stat_clear_snapshot()")
+            return conn.execute("SELECT sessions FROM pg_stat_database WHERE datname = %s",
+                                (self.database,)).fetchone()[0]
+
+    def during(self, action) -> int:
+        before = self.count()
+        action()
+        # An ending backend reports its session as it exits, a moment after the client saw it close.
+        counted, deadline = self.count(), time.monotonic() + 5
+        while time.monotonic() < deadline:
+            time.sleep(0.2)
+            again = self.count()
+            if again == counted:
+                break
+            counted = again
+        return counted - before
 
 
 # env.py reads the URL from `-x url=...` for bare alembic; the runner sets sqlalchemy.url itself.
 NO_OP_RUNS = 4  # no-op runs per repetition
+SIZES = (1, 200, 1000)
+CONCURRENT_REPEAT = 2  # repetitions of the many-at-once measurement (each starts 2 × 50 processes per size)
 
 ENV_PATCH = '''
 _x_url = context.get_x_argument(as_dictionary=True).get("url")
@@ -117,6 +149,7 @@ def main() -> None:
     output = args.output or (None if args.quick else ROOT / "docs")
 
     work = Path(tempfile.mkdtemp(prefix="mr-bench-"))
+    load = [os.getloadavg()[1]]  # the machine is shared: its load says how far to trust the figures
     server = Postgres().start()
     try:
         def fresh() -> str:
@@ -129,14 +162,16 @@ def main() -> None:
         # compile the runner's modules in every process when PYTHONDONTWRITEBYTECODE is set.
         for tree in (ROOT / "runner", work):
             compileall.compile_dir(str(tree), quiet=1)
-        rows = []  # (label, revisions, runner runs, alembic runs)
+        rows = []  # (label, revisions, kind, runner runs, alembic runs)
+        at_heads = {}
 
-        # No-op: the database is at heads already.
-        for n in (1, 200, 1000):
-            url = fresh()
+        # No-op: the database is already at the heads, migrated by the runner (which records the lineage
+        # and the digest its fast path compares).
+        for n in SIZES:
+            url = at_heads[n] = fresh()
             run("runner", projects[n], url)
             samples = {"runner": [], "alembic": []}
-            # A no-op costs half a second: more runs for a steadier median.
+            # A no-op costs a fraction of a second: more runs for a steadier median.
             for _ in range(NO_OP_RUNS * repeat):
                 for tool in ("runner", "alembic"):
                     samples[tool].append(run(tool, projects[n], url if tool == "runner" else alembic_url(url)))
@@ -144,7 +179,7 @@ def main() -> None:
             print(f"  measured {rows[-1][0]}", file=sys.stderr)
 
         # Full upgrade from an empty database.
-        for n in (200, 1000):
+        for n in SIZES:
             samples = {"runner": [], "alembic": []}
             for _ in range(repeat):
                 for tool in ("runner", "alembic"):
@@ -153,29 +188,41 @@ def main() -> None:
             rows.append((f"full upgrade, {n} revisions", n, "full", samples["runner"], samples["alembic"]))
             print(f"  measured {rows[-1][0]}", file=sys.stderr)
 
-        # Many runners at once on a fresh database with 200 revisions, against one runner.
-        # The same many on a database already at heads: what starting that many processes costs here.
-        # And as many runners as cores: the case where the processes do not queue for a core.
-        cores = os.cpu_count() or 1
-        many, idle, one, per_core = [], [], [], []
-        for _ in range(max(1, min(repeat, 3))):
-            one.append(run("runner", projects[200], fresh()))
-            url = fresh()
-            seconds, rss = run_many("runner", projects[200], url, concurrent)
-            many.append(Run(seconds, rss, 0))
-            seconds, rss = run_many("runner", projects[200], url, concurrent)
-            idle.append(Run(seconds, rss, 0))
-            seconds, rss = run_many("runner", projects[200], fresh(), cores)
-            per_core.append(Run(seconds, rss, 0))
-        print(f"  measured {concurrent} concurrent runners", file=sys.stderr)
+        # Many at once on a database at the heads (every replica's init container at a rollout), against as
+        # many bare alembic processes at once on the same database: alembic needs no lock to do nothing.
+        for n in SIZES:
+            samples = {"runner": [], "alembic": []}
+            for _ in range(max(1, min(repeat, CONCURRENT_REPEAT))):
+                for tool in ("runner", "alembic"):
+                    url = at_heads[n] if tool == "runner" else alembic_url(at_heads[n])
+                    samples[tool].append(run_many(tool, projects[n], url, concurrent))
+            rows.append((f"{concurrent} runners at once at the heads, {n} revisions", n, "many", samples["runner"],
+                         samples["alembic"]))
+            print(f"  measured {rows[-1][0]}", file=sys.stderr)
 
-        table = render(rows, many, idle, one, per_core, cores, concurrent, repeat)
+        # Logins (sessions that authenticated) per process: one no-op, one full upgrade, and the many at once.
+        logins = {}
+        n = SIZES[1]
+        name = at_heads[n].rsplit("/", 1)[1]
+        for tool in ("runner", "alembic"):
+            url = at_heads[n] if tool == "runner" else alembic_url(at_heads[n])
+            counter = Logins(server, name)
+            one = counter.during(lambda: run(tool, projects[n], url))
+            many = counter.during(lambda: run_many(tool, projects[n], url, concurrent)) / concurrent
+            full_url = fresh()
+            full = Logins(server, full_url.rsplit("/", 1)[1]).during(
+                lambda: run(tool, projects[n], full_url if tool == "runner" else alembic_url(full_url)))
+            logins[tool] = (one, many, full)
+        print("  counted logins", file=sys.stderr)
+
+        load.append(os.getloadavg()[1])
+        table = render(rows, logins, concurrent, repeat)
         print(table)
         if output:
             output.mkdir(parents=True, exist_ok=True)
             plot = output / "benchmarks.png"
             plotted = draw(rows, plot)
-            (output / "benchmarks.md").write_text(report(table, repeat, concurrent, plotted))
+            (output / "benchmarks.md").write_text(report(table, repeat, concurrent, plotted, load))
             print(f"wrote {output / 'benchmarks.md'}" + (f" and {plot}" if plotted else ""))
     finally:
         server.destroy()
@@ -186,28 +233,25 @@ def med(runs: list[Run], attr: str = "seconds") -> float:
     return statistics.median(getattr(r, attr) for r in runs)
 
 
-def render(rows, many, idle, one, per_core, cores, concurrent, repeat) -> str:
+def render(rows, logins, concurrent, repeat) -> str:
     lines = ["| case | runner (s) | alembic (s) | runner / alembic | CPU time, runner / alembic "
-             "| runner peak RSS (MiB) | alembic peak RSS (MiB) |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
-    for label, _, _, runner, alembic in rows:
+             "| runner peak RSS (MiB) | alembic peak RSS (MiB) | runners on the fast path |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for label, _, kind, runner, alembic in rows:
         r, a = med(runner), med(alembic)
+        processes = len(runner) * (concurrent if kind == "many" else 1)
         lines.append(f"| {label} | {r:.3f} | {a:.3f} | {r / a:.2f} | {med(runner, 'cpu') / med(alembic, 'cpu'):.2f} | "
-                     f"{med(runner, 'maxrss_kib') / 1024:.0f} | {med(alembic, 'maxrss_kib') / 1024:.0f} |")
-    m, i, o = med(many), med(idle), med(one)
-    lines.append(f"| {concurrent} runners at once vs one, 200 revisions (wall time until the last exits) | "
-                 f"{m:.3f} | — | {m / o:.2f} × one runner ({o:.3f} s) | — | {med(many, 'maxrss_kib') / 1024:.0f} "
-                 f"(largest) | — |")
-    lines.append(f"| {concurrent} runners at once on a database already at heads (starting {concurrent} "
-                 f"processes) | {i:.3f} | — | {i / o:.2f} × one runner | — | — | — |")
-    c = med(per_core)
-    lines.append(f"| {cores} runners at once (one per core) vs one, 200 revisions | {c:.3f} | — | "
-                 f"{c / o:.2f} × one runner | — | — | — |")
+                     f"{med(runner, 'maxrss_kib') / 1024:.0f} | {med(alembic, 'maxrss_kib') / 1024:.0f} | "
+                     f"{sum(run.fast for run in runner)} of {processes} |")
     lines.append("")
-    runs = max(1, min(repeat, 3))
+    lines.append("| logins per process (200 revisions) | runner | alembic |")
+    lines.append("|---|---:|---:|")
+    for index, case in enumerate(("one no-op", f"{concurrent} no-ops at once (mean)", "one full upgrade")):
+        lines.append(f"| {case} | {logins['runner'][index]:g} | {logins['alembic'][index]:g} |")
+    lines.append("")
+    runs = max(1, min(repeat, CONCURRENT_REPEAT))
     lines.append(f"Medians of {repeat} run(s) each, {NO_OP_RUNS * repeat} for the no-op cases, {runs} for the "
-                 f"concurrent ones. What the lock costs {concurrent} runners: {m:.1f} s − {i:.1f} s = {m - i:.1f} s "
-                 f"beyond starting them, against {o:.1f} s for one runner's upgrade.")
+                 f"{concurrent}-at-once ones (wall time until the last of them exits; CPU time summed over them).")
     return "\n".join(lines)
 
 
@@ -238,7 +282,7 @@ def draw(rows, path: Path) -> bool:
     return True
 
 
-def report(table: str, repeat: int, concurrent: int, plotted: bool) -> str:
+def report(table: str, repeat: int, concurrent: int, plotted: bool, load: list[float]) -> str:
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor() or "?")
     memory = next((line.split(":", 1)[1].strip() for line in Path("/proc/meminfo").read_text().splitlines()
@@ -267,44 +311,32 @@ Generated by `python bench/bench.py` ({time.strftime('%Y-%m-%d')}). Re-run it to
 - Both tools run from compiled bytecode, as in the image (`compileall` of the runner's package and the
   projects first): with `PYTHONDONTWRITEBYTECODE` set, an editable checkout would otherwise compile the
   runner's modules in every process (about 13 ms).
-- No-op: the database is already at the heads. Full upgrade: a new, empty database for every run.
-- Concurrency: {concurrent} runner processes started at once on a new database with 200 revisions, timed
-  until the last one exits, against one runner alone on another new database; then {concurrent} again on
-  that database, now at heads, which is what starting them costs. Bare alembic has no lock, so it is
-  not run concurrently (it would apply revisions twice and fail). Last, as many runners as the machine
-  has cores, on a new database: no process waits for a core.
-- What the runner does on top of alembic: it reads its settings (pydantic-settings), checks the heads,
-  logs in once to wait for the database and keeps that session as the second one that tells a
-  transaction pooler, once more for the advisory lock (held for the run), reads the version table, and
-  follows the lock's session from a watchdog thread. On a no-op it runs no `env.py`.
+- No-op: the database is already at the heads, migrated by the runner first (so that its lineage, and
+  the digest the fast path compares, are recorded). Full upgrade: a new, empty database for every run.
+- At once: {concurrent} processes of one tool started together on the no-op's database (at the heads),
+  timed until the last exits, then {concurrent} of the other; CPU time is their sum. Bare alembic needs
+  no lock to do nothing, so this is the one concurrent case both tools can run.
+- Logins: the database's `pg_stat_database.sessions` counter before and after (read from another
+  database, so the reading session is not counted).
 
-## Against the targets
+## Where the time goes
 
-The targets are a full upgrade within 5% of bare alembic and a no-op no slower than it: compare them
-with the ratios above. Where the runner's time goes, from `python -X importtime` and cProfile:
-
-- Importing pydantic-settings and building the settings class costs about 65 ms a process (a required
-  dependency: every setting is read through its `BaseSettings`); the runner's own modules about 7 ms.
-  That is about what it saves by setting SQLAlchemy's dialect up once for all its own sessions and by
-  not tearing the interpreter down after the run (exit handlers and flushes still run; every connection
-  is closed and the lock released before). Like alembic, it runs `env.py` once, no-op or not: the
-  database's state is read inside that run, on env.py's own connection.
-- A full upgrade runs `env.py` as alembic does, so there nothing offsets those 65 ms, nor the runner's
-  extra logins (the wait's session, kept as the lock's second one, and the lock's session): about
-  0.1 s of CPU a process. Per revision it logs one line more than alembic ("ran ... in 0.01s") and
-  formats both as JSON, about 22 µs a line timed in-process (some 45 ms over 1000 revisions); the
-  event hooks that guard commits, follow statements in flight and open migration sessions add a
-  little to every statement (about 12 µs: some 50 ms over 1000 revisions, from cProfile). In the runs so
-  far a 1000-revision upgrade took 1.00–1.11× alembic's CPU time; its wall time stays near alembic's
-  because the server's work, the same for both, dominates it. Single runs of 1000 revisions vary by ±0.4 s here.
-- Many runners at once: each process starts Python and imports its stack (about 0.5 s of CPU), and two
-  cores run them. The line "already at heads" is that cost alone; the lock itself adds about one
-  runner's upgrade to it. The issue's target of 1.5× one runner needs about as many cores as runners:
-  the line "one per core" is that case.
+- A no-op takes the fast path (`runner/fastpath.py`): the runner imports pydantic-settings and psycopg,
+  hashes the script directory and the ini (the digest), logs in once and runs one query for the
+  table carrying that digest, its version rows and `pg_is_in_recovery()`. It imports neither alembic
+  nor SQLAlchemy (`python -X importtime -m runner --help` shows it) and runs no `env.py`, where bare
+  alembic imports both, loads every revision file and builds an engine: so the ratio falls as the
+  revisions grow. The floor is the interpreter, pydantic-settings (the one settings class) and psycopg.
+- A full upgrade runs `env.py` as alembic does, plus the runner's own sessions (the wait's, kept as
+  the lock's second one, and the lock's) and the lineage, written once per run; the digest hashes the
+  script files once more (a few ms for 1000 files).
+- Many at once: each process starts Python and imports its stack, and two cores run them, so the
+  ratio of the many is about that of one no-op's CPU time.
 
 ## Machine
 
 {platform.platform()}; {os.cpu_count()} cores ({cpu}); {memory} memory; Python {platform.python_version()};
+load average (5 min) {load[0]:.1f} at the start and {load[-1]:.1f} at the end, from other work on the machine;
 {versions}.
 """
 

@@ -11,9 +11,9 @@ import signal
 import sys
 from pathlib import Path
 
-from . import flaskapp, fleet, guard, history, log, sidecars, stack_versions, telemetry
-from .commands import COMMANDS
-from .envpy import EarlyExit
+# Light imports only: alembic, SQLAlchemy and Flask load when a command needs them (`_full_path`), not for
+# --help, --version or a no-op that fastpath proves without them.
+from . import fastpath, log, sidecars, stack_versions, telemetry
 from .errors import EXIT_BUG, ConfigError, Interrupted, RunnerError, markdown_table
 from .report import Report, emit
 from .settings import Settings, quit_urls_from_env, variables
@@ -84,7 +84,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("-V", "--version", action=_Version, nargs=0,
                    help="print the versions of the runner, alembic, SQLAlchemy and psycopg, and exit")
     _alembic_options(p, None)
-    commands = p.add_subparsers(dest="command", metavar="{" + ",".join(COMMANDS) + "}",
+    commands = p.add_subparsers(dest="command", metavar="{" + ",".join(HELP) + "}",
                                 title="commands (default: upgrade)")
     for name, text in HELP.items():
         sub = commands.add_parser(name, help=text, description=text)
@@ -108,7 +108,6 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _raise_interrupted)
     signal.signal(signal.SIGINT, _raise_interrupted)
-    guard.cancel_on_signals()
     # In the format asked for from the first line on: a usage error is a log line like the rest.
     fmt = os.environ.get("MIGRATE_LOG_FORMAT", "").strip().lower()
     log.setup(fmt if fmt in ("text", "json") else None)
@@ -121,33 +120,23 @@ def main(argv: list[str] | None = None) -> int:
         except SystemExit as e:  # --help, --version: done, no summary
             return e.code or 0
         name = report.command = args.command or "upgrade"
-        run = COMMANDS[name]
-        if name == "plan":
-            run = functools.partial(run, sql=args.sql)
-        if name == "downgrade":
-            run = functools.partial(run, target=args.revision)
-        if name in ("lint", "roundtrip"):
-            run = functools.partial(run, start=args.start)
-        if name == "history":
-            run = functools.partial(run, limit=args.limit)
         settings = Settings.from_env()
         settings = settings.model_copy(update=_from_options(settings, args))
         log.setup(settings.log_format, settings.log_level)
         _warn_unknown_variables()
-        if settings.database_url is not None:
-            log.add_secret(settings.database_url.get_secret_value())
-        writing = name in ("upgrade", "downgrade")
         if settings.database_urls_file is not None:  # a fleet: each target in a runner process of its own
+            from . import fleet
+
             code = fleet.run(settings, report, name)
-        elif writing and flaskapp.loads_under_lock(settings):
-            code = run(settings, report)  # which creates the Flask application once it holds the lock
         else:
-            # FLASK_APP: inside the application's context, as `flask db upgrade` runs (it may supply the URL).
-            with flaskapp.application(settings, writing=writing) as settings:
-                code = run(settings, report)
+            code = fastpath.answer(settings, name, report)
+            if code is None:
+                code = _full_path(name, args, settings, report)
     except RunnerError as e:
         report.outcome, report.message, code = type(e).__name__, str(e), e.exit_code
     except SystemExit as e:
+        from .envpy import EarlyExit
+
         # Project code (a revision file loaded for the heads, say) called sys.exit: a failure like any other.
         error = ConfigError(f"the project's code exited ({EarlyExit(e.code)}) before the runner finished")
         report.outcome, report.message, code = type(error).__name__, str(error), error.exit_code
@@ -157,8 +146,9 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:
         logger.exception("unexpected error")
         report.outcome, report.message, code = "bug", f"unexpected error: {type(e).__name__}: {e}", EXIT_BUG
-    # Before the sidecars go (a proxy may carry the connection): the run's row gets its outcome.
-    history.finish(report.outcome, code, report.from_revision, report.to_revision)
+    if "runner.history" in sys.modules:  # imported by a command that may have begun a run's row
+        # Before the sidecars go (a proxy may carry the connection): the run's row gets its outcome.
+        sys.modules["runner.history"].finish(report.outcome, code, report.from_revision, report.to_revision)
     # Sent (or given up on) before the summary, which stays the last line.
     telemetry.finish(report, code, settings)
     # The outcome is known and the lock released: the sidecars can go. Before the summary, which
@@ -168,6 +158,31 @@ def main(argv: list[str] | None = None) -> int:
     termination_log = settings.termination_log if settings else os.environ.get("MIGRATE_TERMINATION_LOG")
     emit(report, code, Path(termination_log) if termination_log else None)
     return code
+
+
+def _full_path(name: str, args: argparse.Namespace, settings: Settings, report: Report) -> int:
+    """Run the command through alembic (and FLASK_APP's application), the heavy modules imported now."""
+    from . import flaskapp, guard
+    from .commands import COMMANDS
+
+    guard.cancel_on_signals()
+    run = COMMANDS[name]
+    if name == "plan":
+        run = functools.partial(run, sql=args.sql)
+    if name == "downgrade":
+        run = functools.partial(run, target=args.revision)
+    if name in ("lint", "roundtrip"):
+        run = functools.partial(run, start=args.start)
+    if name == "history":
+        run = functools.partial(run, limit=args.limit)
+    if settings.database_url is not None:
+        log.add_secret(settings.database_url.get_secret_value())
+    writing = name in ("upgrade", "downgrade")
+    if writing and flaskapp.loads_under_lock(settings):
+        return run(settings, report)  # which creates the Flask application once it holds the lock
+    # FLASK_APP: inside the application's context, as `flask db upgrade` runs (it may supply the URL).
+    with flaskapp.application(settings, writing=writing) as settings:
+        return run(settings, report)
 
 
 def _warn_unknown_variables() -> None:

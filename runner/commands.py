@@ -23,8 +23,8 @@ from alembic.config import Config
 from alembic.script import ScriptDirectory
 from sqlalchemy.engine import URL, make_url
 
-from . import (baseline, credentials, database, drift, envpy, flaskapp, guard, lineage, log, migrate, revisions,
-               sessions, target, telemetry)
+from . import (baseline, credentials, database, drift, envpy, fastpath, flaskapp, guard, lineage, log, migrate,
+               revisions, sessions, target, telemetry)
 from . import history as history_
 from . import lint as lint_
 from . import roundtrip as roundtrip_
@@ -59,7 +59,8 @@ def upgrade(settings: Settings, report: Report) -> int:
         recorder = _history(settings, url, report)
 
         def run(progress: migrate.Progress, decide: Callable) -> None:
-            migrate.upgrade(config, script, progress, decide, record=lineage.of(script, settings.image),
+            migrate.upgrade(config, script, progress, decide,
+                            record=lineage.of(script, settings.image, fastpath.record(settings)),
                             expected=_expected_version_table(settings), tables_before=project.tables_before,
                             goal=goal, history=recorder)
 

@@ -29,11 +29,13 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from sqlalchemy import event
-from sqlalchemy.engine import URL, Engine
+from typing import TYPE_CHECKING
 
 from . import database, log
 from .errors import ConfigError, DatabaseUnreachable
+
+if TYPE_CHECKING:
+    from sqlalchemy.engine import URL
 
 FILE = "DATABASE_PASSWORD_FILE"
 COMMAND = "MIGRATE_PASSWORD_COMMAND"
@@ -69,8 +71,9 @@ _source: Source | None = None
 _listening = False
 
 
-def configure(settings, url: URL) -> None:
-    """Take the password source from the settings, for the URL DATABASE_URL gives; exit 2 on a conflict."""
+def configure(settings, url: URL, *, engines: bool = True) -> None:
+    """Take the password source from the settings, for the URL DATABASE_URL gives; exit 2 on a conflict.
+    `engines=False`: for the runner's own sessions only, leaving SQLAlchemy unimported (fastpath)."""
     global _source, _listening
     file, command = settings.database_password_file, settings.password_command
     if file is None and command is None:
@@ -97,7 +100,10 @@ def configure(settings, url: URL) -> None:
         _source = Source(user, hosts, command=argv, timeout=settings.password_command_timeout)
     else:
         _source = Source(user, hosts, file=file)
-    if not _listening:
+    if engines and not _listening:
+        from sqlalchemy import event
+        from sqlalchemy.engine import Engine
+
         # On the Engine class: every dialect, whichever engine env.py builds and whenever.
         event.listen(Engine, "do_connect", _on_connect)
         _listening = True

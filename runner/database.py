@@ -13,10 +13,10 @@ import re
 import socket
 
 from contextlib import contextmanager
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
-from sqlalchemy import event, pool
-from sqlalchemy.engine import URL
+if TYPE_CHECKING:
+    from sqlalchemy.engine import URL
 
 # Options the user set for libpq themselves come first; ours are added after.
 _USER_PGOPTIONS = os.environ.get("PGOPTIONS", "")
@@ -94,6 +94,7 @@ def tagged() -> Iterator[None]:
 
     libpq's drivers read them from the environment already; asyncpg and pg8000 do not.
     """
+    from sqlalchemy import event, pool
 
     def on_connect(dbapi_connection, record) -> None:
         select_on(dbapi_connection, settings_sql())

@@ -19,11 +19,13 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-from alembic.script import ScriptDirectory
-from alembic.util import to_tuple
+if TYPE_CHECKING:  # alembic is imported where it is used: fastpath reads MARK and PREFIX without it
+    from alembic.script import ScriptDirectory
 
 MARK = "migration-runner lineage"
+PREFIX = f"{MARK} 1 "  # of the comment's text in the format encode writes
 # The branch label of the revisions only the new code survives (OpenStack's and alembic's docs' name):
 # an older image is never let through on a database ahead of it on this branch.
 CONTRACT = "contract"
@@ -37,17 +39,21 @@ class Lineage:
     heads: tuple[str, ...]
     image: str | None = None
     labels: dict[str, tuple[str, ...]] = field(default_factory=dict)  # revisions in labelled branches
+    # What a later run's fast path compares (runner/fastpath.py): the digest of the scripts and settings, the endpoint.
+    fast: dict = field(default_factory=dict)
 
 
-def of(script: ScriptDirectory, image: str | None) -> Lineage:
+def of(script: ScriptDirectory, image: str | None, fast: dict | None = None) -> Lineage:
     """The lineage of `script`, as a runner running from `image` records it."""
     graph = {r.revision: _below(r) for r in script.walk_revisions()}
     labels = {r.revision: tuple(sorted(r.branch_labels)) for r in script.walk_revisions() if r.branch_labels}
-    return Lineage(graph=graph, heads=tuple(script.get_heads()), image=image, labels=labels)
+    return Lineage(graph=graph, heads=tuple(script.get_heads()), image=image, labels=labels, fast=fast or {})
 
 
 def _below(revision) -> tuple[str, ...]:
     """A revision's down revisions, then the revisions it depends on (alembic resolves depends_on labels)."""
+    from alembic.util import to_tuple
+
     down = to_tuple(revision.down_revision, default=())
     return down + tuple(rev for rev in revision._all_down_revisions if rev not in down)
 
@@ -58,7 +64,9 @@ def encode(lineage: Lineage) -> str:
               "revisions": {rev: list(down) for rev, down in sorted(lineage.graph.items())}}
     if lineage.labels:  # absent for a project without branch labels: its comment reads as before
         record["labels"] = {rev: list(labels) for rev, labels in sorted(lineage.labels.items())}
-    return f"{MARK} 1 " + json.dumps(record, separators=(",", ":"), sort_keys=True)
+    if lineage.fast:
+        record["fast"] = lineage.fast
+    return PREFIX + json.dumps(record, separators=(",", ":"), sort_keys=True)
 
 
 def decode(comment: str | None) -> Lineage | None:
@@ -94,6 +102,8 @@ class Verdict:
 
 def judge(recorded: Lineage | None, script: ScriptDirectory, current: tuple[str, ...]) -> Verdict:
     """Whether `recorded` proves that the database's `current` revisions descend from the scripts' heads."""
+    from alembic.util import to_tuple
+
     heads = tuple(script.get_heads())
     guess = heads[0] if len(heads) == 1 else None
     mine = of(script, None).graph

@@ -29,8 +29,6 @@ import threading
 import time
 from urllib.parse import quote, quote_plus
 
-from sqlalchemy.engine import URL
-
 logger = logging.getLogger("runner")
 
 _secrets: set[str] = set()
@@ -53,6 +51,9 @@ def add_secret(secret: str | None) -> None:
     """Mask this value, raw and percent-encoded, in all output from now on."""
     global _secret_pattern
     if secret:
+        # Here, not at the top: the no-op proven without SQLAlchemy (fastpath) must not import it.
+        from sqlalchemy.engine import URL
+
         # SQLAlchemy percent-encodes fewer characters than urllib does.
         rendered = URL.create("x", username="u", password=secret).render_as_string(hide_password=False)
         sqlalchemy_form = rendered.removeprefix("x://u:").removesuffix("@")

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import psycopg
-from sqlalchemy.engine import URL
 
 from . import credentials, database
+
+if TYPE_CHECKING:
+    from sqlalchemy.engine import URL
 
 # A runner must notice a dead peer even while it waits on a long statement:
 # keepalives detect a silent network, tcp_user_timeout unacknowledged writes.

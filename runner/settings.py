@@ -8,33 +8,55 @@ from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit
 
+from functools import cache
+from typing import TYPE_CHECKING
+
 from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
-from sqlalchemy import __version__ as SQLALCHEMY_VERSION
-from sqlalchemy.engine import URL, make_url
-from sqlalchemy.exc import ArgumentError
 
 from . import database
 from .errors import ConfigError
 
+if TYPE_CHECKING:
+    from sqlalchemy.engine import URL
+
 INT64 = 2**63
 
-SQLALCHEMY_VERSION_INFO = tuple(int(part) for part in re.findall(r"\d+", SQLALCHEMY_VERSION)[:3])
-SQLALCHEMY_2 = SQLALCHEMY_VERSION_INFO >= (2,)
-# What the plain schemes mean to env.py: psycopg 3 under SQLAlchemy 2; under 1.4, which has no
-# psycopg 3 dialect, psycopg2, 1.4's own default for postgresql://.
-PLAIN_DRIVER = "postgresql+psycopg" if SQLALCHEMY_2 else "postgresql+psycopg2"
-# URL schemes accepted, and the driver env.py receives for each: the application's own URL
-# works as it is. The runner's own sessions always use psycopg 3 (sessions.for_runner), without SQLAlchemy.
-DRIVERS = {
-    "postgres": PLAIN_DRIVER,
-    "postgresql": PLAIN_DRIVER,
-    "postgresql+psycopg": "postgresql+psycopg",
-    "postgresql+psycopg_async": "postgresql+psycopg_async",
-    "postgresql+psycopg2": "postgresql+psycopg2",
-    "postgresql+asyncpg": "postgresql+asyncpg",
-    "postgresql+pg8000": "postgresql+pg8000",
-}
+
+@cache
+def _sqlalchemy() -> dict:
+    """SQLALCHEMY_VERSION, SQLALCHEMY_VERSION_INFO, SQLALCHEMY_2, PLAIN_DRIVER and DRIVERS, on first use:
+    importing SQLAlchemy costs a no-op proven without it (runner/fastpath.py) a third of its time."""
+    from sqlalchemy import __version__ as version
+
+    info = tuple(int(part) for part in re.findall(r"\d+", version)[:3])
+    # What the plain schemes mean to env.py: psycopg 3 under SQLAlchemy 2; under 1.4, which has no
+    # psycopg 3 dialect, psycopg2, 1.4's own default for postgresql://.
+    plain = "postgresql+psycopg" if info >= (2,) else "postgresql+psycopg2"
+    # URL schemes accepted, and the driver env.py receives for each: the application's own URL
+    # works as it is. The runner's own sessions always use psycopg 3 (sessions.for_runner), without SQLAlchemy.
+    drivers = {
+        "postgres": plain,
+        "postgresql": plain,
+        "postgresql+psycopg": "postgresql+psycopg",
+        "postgresql+psycopg_async": "postgresql+psycopg_async",
+        "postgresql+psycopg2": "postgresql+psycopg2",
+        "postgresql+asyncpg": "postgresql+asyncpg",
+        "postgresql+pg8000": "postgresql+pg8000",
+    }
+    return {"SQLALCHEMY_VERSION": version, "SQLALCHEMY_VERSION_INFO": info, "SQLALCHEMY_2": info >= (2,),
+            "PLAIN_DRIVER": plain, "DRIVERS": drivers}
+
+
+def __getattr__(name: str):
+    # The SQLAlchemy-derived constants above, imported as before (`from .settings import DRIVERS`); any other
+    # name (the import system asks for __path__) must not import SQLAlchemy.
+    if name in _SQLALCHEMY_NAMES:
+        return _sqlalchemy()[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+_SQLALCHEMY_NAMES = ("SQLALCHEMY_VERSION", "SQLALCHEMY_VERSION_INFO", "SQLALCHEMY_2", "PLAIN_DRIVER", "DRIVERS")
 
 
 class Settings(BaseSettings):
@@ -148,6 +170,13 @@ class Settings(BaseSettings):
         "migration_runner", min_length=1, max_length=63, alias="MIGRATE_HISTORY_SCHEMA",
         description="Schema of the history table, created on first use; its own, so that autogenerate and "
                     "`alembic check` do not see it.")
+    fast_path: bool = Field(
+        True, alias="MIGRATE_FAST_PATH",
+        description="Answer `upgrade`, `check` and `wait` on a database already at the heads without alembic, in one "
+                    "login, when the lineage the runner recorded as it last migrated has the digest of these scripts "
+                    "and settings; anything else runs the full path. A troubleshooting aid: `false` always runs "
+                    "env.py (needed if env.py does work of its own on every run, or picks its version table from "
+                    "files outside the script location or variables it does not name).")
     version_table: str = Field(
         "alembic_version", min_length=1, alias="MIGRATE_VERSION_TABLE",
         description="Alembic version table; must match env.py's version_table.")
@@ -258,6 +287,11 @@ class Settings(BaseSettings):
 
 def parse_url(raw: str, name: str = "DATABASE_URL") -> URL:
     """Parse a libpq-style URL without ever echoing it (it may hold a password)."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    SQLALCHEMY_VERSION, SQLALCHEMY_2, DRIVERS = (_sqlalchemy()[n] for n in ("SQLALCHEMY_VERSION", "SQLALCHEMY_2",
+                                                                           "DRIVERS"))
     if not raw:
         raise ConfigError(f"{name}: the URL is empty")
     _refuse_unencoded(raw, name)
@@ -300,6 +334,8 @@ def parse_url(raw: str, name: str = "DATABASE_URL") -> URL:
 def _refuse_what_older_dialects_cannot_read(url: URL, servers: list, name: str) -> None:
     """Exit 2 for host forms the installed SQLAlchemy's dialect for env.py would misread (it would only
     fail as env.py connects, after the runner's own sessions, which read them, took the lock)."""
+    SQLALCHEMY_VERSION, SQLALCHEMY_VERSION_INFO, SQLALCHEMY_2 = (
+        _sqlalchemy()[n] for n in ("SQLALCHEMY_VERSION", "SQLALCHEMY_VERSION_INFO", "SQLALCHEMY_2"))
     if len(servers) > 1 and url.drivername == "postgresql+asyncpg" and SQLALCHEMY_VERSION_INFO < (2, 0, 18):
         raise ConfigError(f"{name}: the asyncpg dialect of SQLAlchemy {SQLALCHEMY_VERSION} cannot connect to a "
                           f"list of hosts (SQLAlchemy 2.0.18 and later can); use postgresql+psycopg2 for a "

@@ -15,7 +15,9 @@ def test_bench_quick_mode_runs_and_writes_its_report(tmp_path):
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / "bench.py"), "--quick", "--output", str(tmp_path)],
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    for case in ("no-op, 1000 revisions", "full upgrade, 1000 revisions", "10 runners at once"):
+    for case in ("no-op, 1 revisions", "no-op, 1000 revisions", "full upgrade, 1 revisions",
+                 "full upgrade, 1000 revisions", "10 runners at once at the heads, 1000 revisions",
+                 "logins per process"):
         assert case in proc.stdout
     report = (tmp_path / "benchmarks.md").read_text()
     assert "| case |" in report and "## How it was measured" in report and "## Machine" in report

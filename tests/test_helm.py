@@ -182,6 +182,7 @@ COMBINATIONS = {
     "all-config": {"config": {"waitTimeout": 30, "lockTimeout": 600.5, "lockKey": "9223372036854775807",
                               "baselineRevision": "0001", "verifyBaseline": True, "allowMultipleHeads": True, "versionTable": "versions",
                               "history": True, "historySchema": "audit",
+                              "fastPath": False,
                               "versionTableSchema": "app", "applicationName": "shop-migrations",
                               "connectionCheckInterval": 0, "statementTimeout": 120, "ddlLockTimeout": 5,
                               "ddlLockRetries": 3, "terminationLog": "/tmp/summary.json",
@@ -534,6 +535,7 @@ def test_every_runner_variable_is_settable_from_values():
     assert env["MIGRATE_LOCK_KEY"] == "9223372036854775807"
     assert (env["ALEMBIC_SECTION"], env["ALEMBIC_X_ARGS"]) == ("app", "tenant=acme region=eu")
     assert env["MIGRATE_ALLOW_MULTIPLE_HEADS"] == "true"
+    assert env["MIGRATE_FAST_PATH"] == "false"
     assert env["MIGRATE_CONNECTION_CHECK_INTERVAL"] == "0"
     assert env["MIGRATE_BASELINE_REVISION"] == "0001"
     assert env["MIGRATE_VERIFY_BASELINE"] == "true"

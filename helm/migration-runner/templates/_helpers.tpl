@@ -527,6 +527,7 @@ post Job's postUpgrade.target.
   "historySchema" "MIGRATE_HISTORY_SCHEMA"
   "allowMultipleHeads" "MIGRATE_ALLOW_MULTIPLE_HEADS"
   "allowAhead" "MIGRATE_ALLOW_AHEAD"
+  "fastPath" "MIGRATE_FAST_PATH"
   "versionTable" "MIGRATE_VERSION_TABLE"
   "versionTableSchema" "MIGRATE_VERSION_TABLE_SCHEMA"
   "applicationName" "MIGRATE_APPLICATION_NAME"
