@@ -102,8 +102,9 @@ def main() -> int:
         return 0 if command == "help" else 2
     python = ensure_venv("test,bench" if command == "bench" else "test")
     code = run(python, *scripts[command], *rest)
-    if command == "bench":  # the fleet's case (issue 26), a script of its own
-        return code or run(python, "bench/fleet.py", *rest)
+    if command == "bench":  # the fleet's cases (issue 26) and what OpenTelemetry costs (issue 27), scripts of their own
+        code = code or run(python, "bench/fleet.py", *rest)
+        return code or run(python, "bench/telemetry.py", *[arg for arg in rest if arg == "--quick"])
     if command != "test":
         return code
     print(f"\ndev.py: the suite on the newest versions (.venv) exited {code}", flush=True)
