@@ -125,8 +125,8 @@ def main(argv: list[str] | None = None) -> int:
         log.setup(settings.log_format, settings.log_level)
         _warn_unknown_variables()
         if settings.database_urls_file is not None:  # a fleet: each target in a runner process of its own
-            from . import fleet
-
+            with log.unheard_imports():
+                from . import fleet
             code = fleet.run(settings, report, name)
         else:
             code = fastpath.answer(settings, name, report)
@@ -162,9 +162,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def _full_path(name: str, args: argparse.Namespace, settings: Settings, report: Report) -> int:
     """Run the command through alembic (and FLASK_APP's application), the heavy modules imported now."""
-    from . import flaskapp, guard
-    from .commands import COMMANDS
-
+    with log.unheard_imports():
+        from . import flaskapp, guard
+        from .commands import COMMANDS
     guard.cancel_on_signals()
     run = COMMANDS[name]
     if name == "plan":

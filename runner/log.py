@@ -26,6 +26,7 @@ import logging.config
 import re
 import sys
 import threading
+from contextlib import contextmanager
 import time
 from urllib.parse import quote, quote_plus
 
@@ -243,3 +244,21 @@ def summary(level: int, fields: dict) -> None:
         record = logger.makeRecord(logger.name, level, __file__, 0, "%s %s", (message, json.dumps(rest)), None)
     # handle(), not log(): the last line is written whatever MIGRATE_LOG_LEVEL filters.
     logger.handle(record)
+
+
+@contextmanager
+def unheard_imports():
+    """Import the heavy modules without the INFO records they log as they load.
+
+    alembic logs the setup of each of its plugins at INFO on its first import. Under
+    alembic's own CLI that happens before logging is configured, so nobody sees it;
+    the runner imports alembic lazily, after its handler is in place, and would
+    print them. Warnings still pass.
+    """
+    previous = logging.root.manager.disable
+    logging.disable(logging.INFO)
+    try:
+        yield
+    finally:
+        logging.disable(previous)
+
