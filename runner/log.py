@@ -72,8 +72,13 @@ def redact(text: str) -> str:
     """The text with every registered secret and URL credential masked."""
     if _secret_pattern is not None:
         text = _secret_pattern.sub(MASK, text)
-    text = _URL_CREDENTIALS.sub(rf"\g<1>{MASK}@", text)
-    return _PASSWORD_PARAM.sub(rf"\g<1>{MASK}", text)
+    # Each pattern only where it can match (a URL has "://", a password parameter "="): two lines a revision
+    # go through here, and most carry neither.
+    if "://" in text:
+        text = _URL_CREDENTIALS.sub(rf"\g<1>{MASK}@", text)
+    if "=" in text:
+        text = _PASSWORD_PARAM.sub(rf"\g<1>{MASK}", text)
+    return text
 
 
 class JsonFormatter(logging.Formatter):
