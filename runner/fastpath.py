@@ -188,9 +188,9 @@ def _digest(settings, cwd: str) -> str | None:
     h.update(json.dumps(inputs, sort_keys=True).encode())
     h.update(b"\0ini\0" + ini_bytes)
     env_py = b""
-    for path in _files(scripts):
-        data = path.read_bytes()
-        relative = path.relative_to(scripts).as_posix()
+    for relative, path in _files(scripts):
+        with open(path, "rb") as f:
+            data = f.read()
         if relative == "env.py":
             env_py = data
         h.update(f"\0{relative}\0{len(data)}\0".encode() + data)
@@ -200,12 +200,16 @@ def _digest(settings, cwd: str) -> str | None:
     return h.hexdigest()
 
 
-def _files(top: Path) -> list[Path]:
-    """Every file under `top` but bytecode caches, in a stable order."""
+def _files(top: Path) -> list[tuple[str, str]]:
+    """Every file under `top` but bytecode caches, in a stable order: (its path relative to `top` in posix
+    form, its path). Strings, not Paths: a thousand revisions are hashed on every run the fast path tries."""
     found = []
-    for directory, subdirectories, names in os.walk(top):
+    root = os.fspath(top)
+    for directory, subdirectories, names in os.walk(root):
         subdirectories[:] = sorted(d for d in subdirectories if d != "__pycache__")
-        found.extend(Path(directory, name) for name in sorted(names))
+        relative = os.path.relpath(directory, root)
+        prefix = "" if relative == os.curdir else relative.replace(os.sep, "/") + "/"
+        found.extend((prefix + name, os.path.join(directory, name)) for name in sorted(names))
     return found
 
 
