@@ -65,7 +65,9 @@ def pending(script: ScriptDirectory, target: Target, current: tuple[str, ...]) -
     """The scripts `alembic upgrade <target>` would apply from `current`, in the order it applies them;
     none when the database is already at or beyond the target (alembic itself may refuse some of those,
     such as `expand@head` on a database whose version row is a contract revision depending on it)."""
-    return [step.revision for step in upgrade_steps(script, target, current)]
+    if reached(script, target, current):
+        return []
+    return list(_upgrade_revisions(script, target, current))
 
 
 def upgrade_steps(script: ScriptDirectory, target: Target, current: tuple[str, ...]) -> list:
@@ -76,15 +78,19 @@ def upgrade_steps(script: ScriptDirectory, target: Target, current: tuple[str, .
     summary), and on a thousand revisions each walk of alembic's revision map costs tens of milliseconds."""
     if reached(script, target, current):
         return []
+    from alembic.runtime.migration import MigrationStep
+
+    return [MigrationStep.upgrade_from_script(script.revision_map, revision)
+            for revision in _upgrade_revisions(script, target, current)]
+
+
+def _upgrade_revisions(script: ScriptDirectory, target: Target, current: tuple[str, ...]) -> tuple:
+    """The scripts of alembic's steps for `upgrade <target>` from `current`, in order, walked once."""
     key = ("upgrade", target.name, tuple(current))
     memo = _memo(script)
     if key not in memo:
-        steps = script._upgrade_revs(target.name, current)
-        memo[key] = tuple(step.revision for step in steps)
-        return steps
-    from alembic.runtime.migration import MigrationStep
-
-    return [MigrationStep.upgrade_from_script(script.revision_map, revision) for revision in memo[key]]
+        memo[key] = tuple(step.revision for step in script._upgrade_revs(target.name, current))
+    return memo[key]
 
 
 def _at_or_below(script: ScriptDirectory, revisions: tuple[str, ...]) -> set[str]:
