@@ -168,7 +168,8 @@ def _locked_project(settings: Settings, report: Report) -> Iterator[_Project]:
     if not under_lock:
         config, script = _config_and_scripts(settings, settings.url())
     # Writes need the primary: a standby (a failover under way) is waited out like a database not up yet.
-    version, first_session = first_login(url, settings.wait_timeout, primary=True)
+    # The fast path's session, when it fell through, is the first login (one login fewer).
+    version, first_session = first_login(url, settings.wait_timeout, primary=True, session=fastpath.take_session())
     # The lock's session is the first to carry the session options: it reports a proxy refusing them.
     check_interval = _options_after_login(settings, version)
     # The wait's session, still open, serves the lock as the second session that tells a transaction pooler.

@@ -104,25 +104,64 @@ def _answer(settings, command: str, report: Report) -> str | None:
     import psycopg  # here: --help and --version do without it
 
     explicit = settings.model_fields_set
-    with psycopg.connect(autocommit=True, **credentials.fill(params["libpq"])) as session:
-        rows = session.execute(_FIND, {
-            "prefix": PREFIX, "digest": found,
-            "schema": settings.version_table_schema if "version_table_schema" in explicit else None,
-            "table": settings.version_table if "version_table" in explicit else None}).fetchall()
-        if len(rows) != 1:
-            return f"{len(rows)} version tables carry this digest"
-        schema, table, standby, heads, fast = rows[0]
-        if not isinstance(fast, dict) or fast.get("digest") != found:
-            return "another digest recorded"
-        if command == "upgrade" and standby:
-            return "a standby (upgrade waits for the primary)"
-        if command == "upgrade" and fast.get("endpoint") != params["endpoint"]:
-            # The runner that recorded it held the lock there, which a transaction pooler refuses.
-            return "recorded through another endpoint"
-        from psycopg import sql
+    session = psycopg.connect(autocommit=True, **credentials.fill(params["libpq"]))
+    try:
+        why = _ask(session, settings, command, report, found, params, explicit)
+    except BaseException:
+        session.close()
+        raise
+    if why is not None and command == "upgrade":
+        # Falling through to the full path: its wait's first login is this session (see take_session).
+        global _kept
+        _kept = session
+    else:
+        session.close()
+    return why
 
-        current = tuple(row[0] for row in session.execute(
-            sql.SQL("SELECT version_num FROM {}").format(sql.Identifier(schema, table))))
+
+# The fast path's session, left open for `upgrade`'s full path when the fast path fell through.
+_kept = None
+
+
+def take_session():
+    """The session the fast path logged in with and left open (then the caller's to close), or None.
+
+    A full `upgrade` takes it as the wait's first login (wait.first_login), which then checks the
+    server as it checks any login: one login fewer than logging in again."""
+    global _kept
+    session, _kept = _kept, None
+    if session is not None and session.closed:
+        return None
+    return session
+
+
+def release() -> None:
+    """Close the fast path's session if nobody took it."""
+    session = take_session()
+    if session is not None:
+        session.close()
+
+
+def _ask(session, settings, command: str, report: Report, found: str, params: dict, explicit) -> str | None:
+    """The fast path's answer on `session`: None once the report is filled in, else why not."""
+    rows = session.execute(_FIND, {
+        "prefix": PREFIX, "digest": found,
+        "schema": settings.version_table_schema if "version_table_schema" in explicit else None,
+        "table": settings.version_table if "version_table" in explicit else None}).fetchall()
+    if len(rows) != 1:
+        return f"{len(rows)} version tables carry this digest"
+    schema, table, standby, heads, fast = rows[0]
+    if not isinstance(fast, dict) or fast.get("digest") != found:
+        return "another digest recorded"
+    if command == "upgrade" and standby:
+        return "a standby (upgrade waits for the primary)"
+    if command == "upgrade" and fast.get("endpoint") != params["endpoint"]:
+        # The runner that recorded it held the lock there, which a transaction pooler refuses.
+        return "recorded through another endpoint"
+    from psycopg import sql
+
+    current = tuple(row[0] for row in session.execute(
+        sql.SQL("SELECT version_num FROM {}").format(sql.Identifier(schema, table))))
     if not current or not isinstance(heads, list) or sorted(current) != sorted(heads):
         return "not at the recorded heads"
     report.from_revision = report.to_revision = current
@@ -188,9 +227,9 @@ def _digest(settings, cwd: str) -> str | None:
     h.update(json.dumps(inputs, sort_keys=True).encode())
     h.update(b"\0ini\0" + ini_bytes)
     env_py = b""
-    for path in _files(scripts):
-        data = path.read_bytes()
-        relative = path.relative_to(scripts).as_posix()
+    for relative, path in _files(scripts):
+        with open(path, "rb") as f:
+            data = f.read()
         if relative == "env.py":
             env_py = data
         h.update(f"\0{relative}\0{len(data)}\0".encode() + data)
@@ -200,12 +239,16 @@ def _digest(settings, cwd: str) -> str | None:
     return h.hexdigest()
 
 
-def _files(top: Path) -> list[Path]:
-    """Every file under `top` but bytecode caches, in a stable order."""
+def _files(top: Path) -> list[tuple[str, str]]:
+    """Every file under `top` but bytecode caches, in a stable order: (its path relative to `top` in posix
+    form, its path). Strings, not Paths: a thousand revisions are hashed on every run the fast path tries."""
     found = []
-    for directory, subdirectories, names in os.walk(top):
+    root = os.fspath(top)
+    for directory, subdirectories, names in os.walk(root):
         subdirectories[:] = sorted(d for d in subdirectories if d != "__pycache__")
-        found.extend(Path(directory, name) for name in sorted(names))
+        relative = os.path.relpath(directory, root)
+        prefix = "" if relative == os.curdir else relative.replace(os.sep, "/") + "/"
+        found.extend((prefix + name, os.path.join(directory, name)) for name in sorted(names))
     return found
 
 

@@ -73,18 +73,32 @@ def redact(text: str) -> str:
     """The text with every registered secret and URL credential masked."""
     if _secret_pattern is not None:
         text = _secret_pattern.sub(MASK, text)
-    text = _URL_CREDENTIALS.sub(rf"\g<1>{MASK}@", text)
-    return _PASSWORD_PARAM.sub(rf"\g<1>{MASK}", text)
+    # Each pattern only where it can match (a URL has "://", a password parameter "="): two lines a revision
+    # go through here, and most carry neither.
+    if "://" in text:
+        text = _URL_CREDENTIALS.sub(rf"\g<1>{MASK}@", text)
+    if "=" in text:
+        text = _PASSWORD_PARAM.sub(rf"\g<1>{MASK}", text)
+    return text
 
 
 class JsonFormatter(logging.Formatter):
     """One JSON object a record: time, level, logger, event, and any `extra` fields."""
 
     _standard = set(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
+    # One encoder for every line: json.dumps(default=...) would build a new one per call.
+    _encoder = json.JSONEncoder(default=lambda value: redact(str(value)))
+    _second: tuple[int, str] = (-1, "")  # the last whole second formatted, and its text
+
+    def _time(self, record: logging.LogRecord) -> str:
+        second = int(record.created)
+        if second != self._second[0]:  # strftime once a second, not once a line (two lines a revision)
+            self._second = (second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second)))
+        return f"{self._second[1]}.{int(record.msecs):03d}Z"
 
     def format(self, record: logging.LogRecord) -> str:
         entry = {
-            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
+            "time": self._time(record),
             "level": record.levelname.lower(),
             "logger": record.name,
             "event": redact(record.getMessage()),
@@ -95,7 +109,7 @@ class JsonFormatter(logging.Formatter):
         if record.exc_info:
             entry["exception"] = redact(self.formatException(record.exc_info))
         # Values only are masked: a short secret must not corrupt the keys.
-        return json.dumps(entry, default=lambda value: redact(str(value)))
+        return self._encoder.encode(entry)
 
 
 def redact_values(value):

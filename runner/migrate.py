@@ -149,6 +149,10 @@ def _recorder(record: lineage.Lineage, state: revisions.State, progress: Progres
         if settled:
             return
         settled.append(True)
+        # Settled for this run of env.py: off alembic's list, which builds each later step's MigrationInfo
+        # and heads only for its callbacks (a thousand revisions, a thousand of each).
+        ctx.on_version_apply_callbacks = tuple(callback for callback in ctx.on_version_apply_callbacks
+                                               if callback is not record_lineage)
         progress.recording = True  # a failure from here on is the lineage's, not the revision's
         connection = ctx.connection
         found = connection.execute(_OWNER_AND_COMMENT, {"table": state.table, "schema": state.schema}).first()
@@ -186,7 +190,10 @@ def _timed(migration_fn, revision, progress: Progress, verb: str):
         started = progress.started = time.monotonic()
         progress.inside = True
         try:
-            with telemetry.revision(revision, verb):
+            if telemetry.recording():
+                with telemetry.revision(revision, verb):
+                    migration_fn(**kwargs)
+            else:  # per revision, a thousand times: no context manager for a span nobody records
                 migration_fn(**kwargs)
         except BaseException:
             progress.raised_inside = True

@@ -393,7 +393,7 @@ def applied_between(script: ScriptDirectory, before: tuple[str, ...], after: tup
     """The revisions `upgrade` applied to go from `before` to `after`, oldest first."""
     if set(before) == set(after) or not all(_known(script, revision) for revision in (*before, *after)):
         return []
-    reached = {r.revision for head in after for r in script.iterate_revisions(head, "base")}
+    reached = target.at_or_below(script, after)
     return [r.revision for r in pending_revisions(script, before) if r.revision in reached]
 
 
@@ -407,7 +407,7 @@ def reverted_between(script: ScriptDirectory, before: tuple[str, ...], after: tu
 
 def _lineage_of(script: ScriptDirectory, revisions_: tuple[str, ...]) -> set[str]:
     """`revisions_` and every revision beneath them."""
-    return {r.revision for revision in revisions_ for r in script.iterate_revisions(revision, "base")}
+    return target.at_or_below(script, revisions_)
 
 
 def above(script: ScriptDirectory, revision: str | None) -> list:

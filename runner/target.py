@@ -65,17 +65,57 @@ def pending(script: ScriptDirectory, target: Target, current: tuple[str, ...]) -
     """The scripts `alembic upgrade <target>` would apply from `current`, in the order it applies them;
     none when the database is already at or beyond the target (alembic itself may refuse some of those,
     such as `expand@head` on a database whose version row is a contract revision depending on it)."""
-    return [step.revision for step in upgrade_steps(script, target, current)]
+    if reached(script, target, current):
+        return []
+    return list(_upgrade_revisions(script, target, current))
 
 
 def upgrade_steps(script: ScriptDirectory, target: Target, current: tuple[str, ...]) -> list:
-    """alembic's steps for `upgrade <target>` from `current` (what command.upgrade runs); none when reached."""
+    """alembic's steps for `upgrade <target>` from `current` (what command.upgrade runs); none when reached.
+
+    New steps at each call (the caller may wrap their migration_fn), from the revisions walked once per
+    scripts, target and start: a run asks for them up to three times (the state read, the upgrade, the
+    summary), and on a thousand revisions each walk of alembic's revision map costs tens of milliseconds."""
     if reached(script, target, current):
         return []
-    return script._upgrade_revs(target.name, current)
+    from alembic.runtime.migration import MigrationStep
+
+    return [MigrationStep.upgrade_from_script(script.revision_map, revision)
+            for revision in _upgrade_revisions(script, target, current)]
+
+
+def _upgrade_revisions(script: ScriptDirectory, target: Target, current: tuple[str, ...]) -> tuple:
+    """The scripts of alembic's steps for `upgrade <target>` from `current`, in order, walked once."""
+    key = ("upgrade", target.name, tuple(current))
+    memo = _memo(script)
+    if key not in memo:
+        memo[key] = tuple(step.revision for step in script._upgrade_revs(target.name, current))
+    return memo[key]
 
 
 def _at_or_below(script: ScriptDirectory, revisions: tuple[str, ...]) -> set[str]:
     """`revisions` and everything beneath them, dependencies (depends_on) included, as alembic walks them:
     a version row of a contract revision that depends on an expand revision stands for both."""
-    return {r.revision for revision in revisions for r in script.iterate_revisions(revision, "base")}
+    key = ("below", tuple(revisions))
+    memo = _memo(script)
+    if key not in memo:
+        memo[key] = frozenset(r.revision for revision in revisions for r in script.iterate_revisions(revision, "base"))
+    return set(memo[key])
+
+
+# Walks of one ScriptDirectory's revision map, by what was asked: its scripts do not change during a run
+# (alembic memoizes the map itself), and a new ScriptDirectory (a new run, another project) starts afresh.
+_memos: dict[int, tuple[ScriptDirectory, dict]] = {}
+
+
+def _memo(script: ScriptDirectory) -> dict:
+    found = _memos.get(id(script))
+    if found is None or found[0] is not script:
+        _memos.clear()  # one project a run: keep the last scripts' walks only
+        found = _memos[id(script)] = (script, {})
+    return found[1]
+
+
+def at_or_below(script: ScriptDirectory, revisions: tuple[str, ...]) -> set[str]:
+    """`revisions` and every revision beneath them (a new set: the caller may change it)."""
+    return _at_or_below(script, revisions)

@@ -224,6 +224,11 @@ def mark(name: str, attributes: dict) -> None:
         pass
 
 
+def recording() -> bool:
+    """Whether this run traces (OTEL_ configured): without, `revision` is a no-op its caller may skip."""
+    return _run is not None
+
+
 @contextmanager
 def revision(script, verb: str) -> Iterator[None]:
     """The span of one revision's upgrade() (verb "ran") or downgrade(), timed for the revision histogram."""

@@ -71,19 +71,22 @@ class OnStandby(Exception):
 
 
 @telemetry.traced("wait for the database", lambda url, *_, **__: telemetry.database(url))
-def first_login(url: URL, timeout: float, sleep=time.sleep, *,
-                primary: bool = False) -> tuple[int, psycopg.Connection]:
+def first_login(url: URL, timeout: float, sleep=time.sleep, *, primary: bool = False,
+                session: psycopg.Connection | None = None) -> tuple[int, psycopg.Connection]:
     """`wait_for_database`, keeping the session that logged in open (no transaction): the caller closes it.
 
     With `primary`, a login that reaches a standby counts as the database not being up yet:
     the commands that write wait for a writable primary (a failover under way) and then
     exit 3 naming the host, rather than fail on the standby's first write.
+    `session`, an open autocommit session to `url` (the fast path's), is the first attempt's
+    login: checked as a new one would be, and closed if it does not pass.
     """
     where = database.endpoint(url)
+    given = [session] if session is not None else []
 
     def attempt() -> tuple[int, psycopg.Connection]:
         # Autocommit, so idle outside a transaction: a transaction-pooling proxy must not pin a backend to it.
-        connection = sessions.connect(url)
+        connection = given.pop() if given else sessions.connect(url)
         try:
             version = sessions.server_version(connection)
             if primary and connection.execute("SELECT pg_is_in_recovery()").fetchone()[0]:
