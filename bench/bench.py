@@ -137,6 +137,20 @@ def alembic_url(url: str) -> str:
     return url.replace("postgresql://", "postgresql+psycopg://", 1)
 
 
+def fresh_database(server) -> str:
+    """The URL of a new, empty database on `server`."""
+    name = f"b_{uuid.uuid4().hex[:10]}"
+    server.create_database(name)
+    return server.url(name)
+
+
+def compile_both(work: Path) -> None:
+    """Both tools from bytecode, as installed in an image: an editable checkout would otherwise compile the
+    runner's modules in every process when PYTHONDONTWRITEBYTECODE is set."""
+    for tree in (ROOT / "runner", work):
+        compileall.compile_dir(str(tree), quiet=1)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="one repetition, ten concurrent runners; no docs")
@@ -153,15 +167,10 @@ def main() -> None:
     server = Postgres().start()
     try:
         def fresh() -> str:
-            name = f"b_{uuid.uuid4().hex[:10]}"
-            server.create_database(name)
-            return server.url(name)
+            return fresh_database(server)
 
         projects = {n: project(work, n) for n in (1, 200, 1000)}
-        # Both tools from bytecode, as installed in an image: an editable checkout would otherwise
-        # compile the runner's modules in every process when PYTHONDONTWRITEBYTECODE is set.
-        for tree in (ROOT / "runner", work):
-            compileall.compile_dir(str(tree), quiet=1)
+        compile_both(work)
         rows = []  # (label, revisions, kind, runner runs, alembic runs)
         at_heads = {}
 

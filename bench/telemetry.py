@@ -13,19 +13,17 @@ a table of medians and ratios to bare alembic; asserts no timing.
 from __future__ import annotations
 
 import argparse
-import compileall
 import os
 import shutil
 import sys
 import tempfile
 import threading
-import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench import ROOT, Postgres, alembic_url, med, project, run  # noqa: E402
+from bench import Postgres, alembic_url, compile_both, fresh_database, med, project, run  # noqa: E402
 
 ENDPOINT = "OTEL_EXPORTER_OTLP_ENDPOINT"
 REVISIONS = 200
@@ -71,13 +69,10 @@ def main() -> None:
     server = Postgres().start()
     try:
         def fresh() -> str:
-            name = f"b_{uuid.uuid4().hex[:10]}"
-            server.create_database(name)
-            return server.url(name)
+            return fresh_database(server)
 
         ini = project(work, REVISIONS)
-        for tree in (ROOT / "runner", work):
-            compileall.compile_dir(str(tree), quiet=1)
+        compile_both(work)
         at_heads = fresh()
         run("runner", ini, at_heads)
         rows = [(f"no-op, {REVISIONS} revisions", measure("no-op", ini, lambda: at_heads, collector, 3 * repeat)),
