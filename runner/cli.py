@@ -147,9 +147,9 @@ def main(argv: list[str] | None = None) -> int:
         logger.exception("unexpected error")
         report.outcome, report.message, code = "bug", f"unexpected error: {type(e).__name__}: {e}", EXIT_BUG
     fastpath.release()  # its session, if the full path did not take it
-    if "runner.history" in sys.modules:  # imported by a command that may have begun a run's row
-        # Before the sidecars go (a proxy may carry the connection): the run's row gets its outcome.
-        sys.modules["runner.history"].finish(report.outcome, code, report.from_revision, report.to_revision)
+    # Before the sidecars go (a proxy may carry the connection): a history row begun gets its outcome.
+    for finish in report.on_exit:
+        finish(code)
     # Sent (or given up on) before the summary, which stays the last line.
     telemetry.finish(report, code, settings)
     # The outcome is known and the lock released: the sidecars can go. Before the summary, which

@@ -1,30 +1,28 @@
 """The runner's commands: each a verb taking the settings first, filling in a Report, returning an exit code.
 
-`upgrade` and `downgrade` write (through `migrate`, under the lock); `check`,
-`wait`, `plan` and `verify` read through env.py as `alembic current` does and
-take no lock; `heads` needs no database.
+`upgrade` and `downgrade` write (through `migrate`, under the lock, which
+`_locked_project` takes; `locked_run` runs the migration while it is held);
+`check`, `wait`, `plan` and `verify` read through env.py as `alembic current`
+does (`states`) and take no lock; `heads` needs no database. The work itself is
+in the modules each command calls.
 """
 
 from __future__ import annotations
 
 import functools
-import io
 import logging
-import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
-import psycopg
 import tenacity
-from alembic import command as alembic_command
 from alembic.config import Config
 from alembic.script import ScriptDirectory
 from sqlalchemy.engine import URL, make_url
 
-from . import (baseline, credentials, database, drift, envpy, fastpath, flaskapp, guard, lineage, log, migrate,
-               revisions, sessions, target, telemetry)
+from . import (baseline, credentials, database, drift, envpy, fastpath, flaskapp, lineage, locked_run, log, migrate,
+               offline_sql, revisions, session_options, sessions, states, target)
 from . import history as history_
 from . import lint as lint_
 from . import roundtrip as roundtrip_
@@ -32,7 +30,8 @@ from .errors import EXIT_OK, ConfigError, DatabaseUnreachable, LintFindings, Pen
 from .lock import Lock, advisory_lock
 from .report import Report
 from .settings import DRIVERS, Settings
-from .wait import connection_error, fatal_reason, first_line, first_login, refusal, wait_for_database
+from .wait import fatal_reason, first_line, first_login, refusal
+from .wording import count, names
 
 logger = logging.getLogger("runner")
 
@@ -45,7 +44,7 @@ def upgrade(settings: Settings, report: Report) -> int:
 
         def decide(state: revisions.State) -> str | None:
             if state.kind == "ahead":
-                _let_ahead_through(settings, state, script)
+                states.let_ahead_through(settings, state, script)
             if state.kind != "legacy":
                 return None
             baseline = revisions.refuse_legacy(state, settings.baseline_revision, script)
@@ -61,7 +60,7 @@ def upgrade(settings: Settings, report: Report) -> int:
         def run(progress: migrate.Progress, decide: Callable) -> None:
             migrate.upgrade(config, script, progress, decide,
                             record=lineage.of(script, settings.image, fastpath.record(settings)),
-                            expected=_expected_version_table(settings), tables_before=project.tables_before,
+                            expected=states.expected_version_table(settings), tables_before=project.tables_before,
                             goal=goal, history=recorder)
 
         def prove_baseline(lock) -> None:
@@ -71,15 +70,15 @@ def upgrade(settings: Settings, report: Report) -> int:
             scratch = settings.scratch_url()
             if scratch is not None:
                 log.add_url_secrets(scratch)
-            state = _read_state_or_fail(config, script, settings)
+            state = states.read_or_fail(config, script, settings)
             if state.kind == "legacy":
                 revision = revisions.refuse_legacy(state, settings.baseline_revision, script)
                 baseline.prove(functools.partial(_config, settings), revision, url=url, given=settings.url(),
                                schema=state.schema, table=state.table, lock=lock, scratch=scratch,
                                lock_timeout=settings.lock_timeout)
 
-        progress, reached = _under_lock(settings, report, url, project.lock, script, decide, run,
-                                        before=prove_baseline)
+        progress, reached = locked_run.under_lock(settings, report, url, project.lock, script, decide, run,
+                                                  before=prove_baseline)
     start = progress.start
     ran_from = flaskapp.heads_before_its_own_upgrade()
     if ran_from is not None:  # revisions the Flask application applied itself as it was created are this run's
@@ -87,22 +86,22 @@ def upgrade(settings: Settings, report: Report) -> int:
     report.applied = revisions.applied_between(script, start, reached)
     if progress.state.kind == "ahead":
         if set(reached) != set(progress.state.current):
-            raise ConfigError(f"the database moved from {_names(progress.state.current)} to {_names(reached)} while "
+            raise ConfigError(f"the database moved from {names(progress.state.current)} to {names(reached)} while "
                               f"the runner held the lock (written outside it?)")
         report.outcome = "ahead"
-        report.message = f"ahead of the scripts: at {_names(reached)}, heads {_names(script.get_heads())}; nothing done"
+        report.message = f"ahead of the scripts: at {names(reached)}, heads {names(script.get_heads())}; nothing done"
         return EXIT_OK
     # Success is the target read back, not env.py returning.
     missing = target.pending(script, goal, reached)
     if missing:
         raise ConfigError(
-            f"env.py returned without reaching {_aim(goal)}: the database is at {_names(reached)}, "
-            f"{_count(len(missing), 'revision')} not applied ({', '.join(r.revision for r in missing)}); does env.py "
+            f"env.py returned without reaching {_aim(goal)}: the database is at {names(reached)}, "
+            f"{count(len(missing), 'revision')} not applied ({', '.join(r.revision for r in missing)}); does env.py "
             f"commit (context.begin_transaction()) and call context.run_migrations() in online mode?")
     if progress.state.kind == "current" and not report.applied:
         report.outcome = "current"
-        report.message = (f"already at heads: {_names(reached)}" if goal.is_heads else
-                          f"already at or beyond {goal}: {_names(reached)}")
+        report.message = (f"already at heads: {names(reached)}" if goal.is_heads else
+                          f"already at or beyond {goal}: {names(reached)}")
         return EXIT_OK
     return _moved(report, "upgraded", report.applied, "applied", goal)
 
@@ -117,14 +116,14 @@ def downgrade(settings: Settings, report: Report, target: str) -> int:
 
         def run(progress: migrate.Progress, decide: Callable) -> None:
             migrate.downgrade(config, script, progress, goal or "base", decide,
-                              record=lineage.of(script, settings.image), expected=_expected_version_table(settings),
-                              history=recorder)
+                              record=lineage.of(script, settings.image),
+                              expected=states.expected_version_table(settings), history=recorder)
 
-        progress, reached = _under_lock(settings, report, url, project.lock, script,
-                                        lambda state: revisions.refuse_downgrade(state, script, goal), run)
+        progress, reached = locked_run.under_lock(settings, report, url, project.lock, script,
+                                                  lambda state: revisions.refuse_downgrade(state, script, goal), run)
     report.reverted = revisions.reverted_between(script, progress.start, reached)
     if (goal is None and reached) or (goal is not None and goal not in reached):
-        raise ConfigError(f"env.py returned without reaching {goal or 'base'}: the database is at {_names(reached)}; "
+        raise ConfigError(f"env.py returned without reaching {goal or 'base'}: the database is at {names(reached)}; "
                           f"does env.py commit (context.begin_transaction())?")
     if not report.reverted:
         report.outcome = "current"
@@ -137,8 +136,8 @@ def _moved(report: Report, outcome: str, moved: list[str], verb: str, goal: targ
     """Exit 0 with the summary of an upgrade or a downgrade that changed the database."""
     report.outcome = outcome
     aim = f" (target {goal})" if goal is not None and not goal.is_heads else ""
-    report.message = (f"{outcome}: {_names(report.from_revision)} -> {_names(report.to_revision)}{aim}, "
-                      f"{_count(len(moved), 'revision')} {verb}, lock wait {report.lock_wait:.1f}s, "
+    report.message = (f"{outcome}: {names(report.from_revision)} -> {names(report.to_revision)}{aim}, "
+                      f"{count(len(moved), 'revision')} {verb}, lock wait {report.lock_wait:.1f}s, "
                       f"total {time.monotonic() - report.started:.1f}s")
     return EXIT_OK
 
@@ -171,15 +170,14 @@ def _locked_project(settings: Settings, report: Report) -> Iterator[_Project]:
     # The fast path's session, when it fell through, is the first login (one login fewer).
     version, first_session = first_login(url, settings.wait_timeout, primary=True, session=fastpath.take_session())
     # The lock's session is the first to carry the session options: it reports a proxy refusing them.
-    check_interval = _options_after_login(settings, version)
+    check_interval = session_options.apply_after_login(settings, version)
     # The wait's session, still open, serves the lock as the second session that tells a transaction pooler.
     with advisory_lock(url, settings.lock_key, settings.lock_timeout, schema=settings.version_table_schema,
                        table=settings.version_table, second_session=first_session,
                        x_args=settings.x_arguments()) as lock:
         report.lock_wait = lock.waited
         # Timeouts for migration sessions only: the lock wait above must not be cut short by them.
-        _session_options(settings, check_interval, statement_timeout=_ms(settings.statement_timeout),
-                         lock_timeout=_ms(settings.ddl_lock_timeout))
+        session_options.apply_for_migrations(settings, check_interval)
         # Before anything of the project runs under the lock: its code may create tables of its own.
         tables_before = revisions.existing_tables(lock.query)
         if not under_lock:
@@ -190,93 +188,14 @@ def _locked_project(settings: Settings, report: Report) -> Iterator[_Project]:
             yield _Project(settings, url, config, script, lock, tables_before)
 
 
-def _under_lock(settings: Settings, report: Report, url: URL, lock: Lock, script: ScriptDirectory,
-                decide: Callable[[revisions.State], object], run: Callable[[migrate.Progress, Callable], None],
-                before: Callable[[object], None] | None = None) -> tuple[migrate.Progress, tuple[str, ...]]:
-    """`run` the migration under the guard, holding `lock`; where the database is, read back.
-
-    `before(lock)`, if given, runs first (and raises to refuse);
-    `decide` sees the state env.py's connection reads before anything is written
-    (and raises to refuse); every failure becomes a RunnerError saying where the
-    database is now.
-    """
-    if before is not None:
-        before(lock)
-    progress = migrate.Progress()
-
-    @telemetry.traced("read back", result=lambda reached: {"migration.to_revisions": list(reached)})
-    def read_back() -> tuple[str, ...]:
-        # On a new connection: after a failure the lock's session may be gone too.
-        with sessions.connect(url) as session:
-            return revisions.version_rows(session, version_table=progress.state.table,
-                                          schema=progress.state.schema)
-
-    attempts = []
-
-    def decide_once(state: revisions.State):
-        attempts.append(state)
-        if len(attempts) == 1:  # where the run started; a retry starts where the last attempt ended
-            report.from_revision = state.current
-        report.to_revision = state.current
-        _log_state(state)
-        return decide(state)
-
-    try:
-        with guard.guarded_by(lock, progress=progress, report_every=settings.progress_interval) as watchdog:
-            migrate.retrying(lambda: run(progress, decide_once), progress, watchdog,
-                             retries=settings.ddl_lock_retries, read_back=read_back)
-            if progress.state is None:
-                raise revisions.NoMigrationsRun()
-    except Exception as e:
-        if progress.state is None:
-            raise envpy.failure(e) from None
-        try:
-            reached = read_back()
-        except Exception:
-            reached = None
-        else:
-            report.to_revision = reached
-            if progress.start is not None:  # else refused before it started
-                report.applied = revisions.applied_between(script, progress.start, reached)
-                report.reverted = revisions.reverted_between(script, progress.start, reached)
-        # A read that failed once is tried again there, and reported as unknown if it fails again.
-        raise migrate.explain_failure(e, progress, lambda: reached if reached is not None else read_back()) from None
-    # Success is what the database says, read back, not what env.py returned.
-    reached = _read_back_after_success(lock, progress.state)
-    report.to_revision = reached
-    return progress, reached
-
-
-def _let_ahead_through(settings: Settings, state: revisions.State, script: ScriptDirectory) -> None:
-    """Warn about a database ahead of the scripts that MIGRATE_ALLOW_AHEAD lets through, or raise DatabaseAhead."""
-    verdict = revisions.ahead(state, script, settings.allow_ahead)
-    logger.warning(revisions.describe_ahead(state, script, verdict, settings.allow_ahead),
-                   extra={"current": list(state.current), "heads": list(script.get_heads()),
-                          "proven": verdict.proven})
-
-
-@telemetry.traced("read back", result=lambda reached: {"migration.to_revisions": list(reached)})
-def _read_back_after_success(lock, state: revisions.State) -> tuple[str, ...]:
-    """The version table, read on the lock's session once env.py returned."""
-    try:
-        return revisions.version_rows(lock.connection, version_table=state.table, schema=state.schema)
-    except psycopg.Error as e:
-        if database.is_disconnect(e):
-            raise DatabaseUnreachable(f"env.py returned, but the database was lost before the runner could read "
-                                      f"back where it is: {first_line(e)}") from None
-        raise ConfigError(f"env.py returned, but the runner cannot read {state.schema}.{state.table} back to check "
-                          f"it reached the heads (SQLSTATE {database.sqlstate(e)}: {first_line(e)}): DATABASE_URL's "
-                          f"role needs SELECT on it") from None
-
-
 def check(settings: Settings, report: Report) -> int:
     """Exit 0 if the database is at (or beyond) MIGRATE_TARGET, 9 if revisions are pending, 8 if it is ahead."""
     url, config, script = _scripts(settings)
     goal = _goal(settings, script, report)
-    _connect(settings, url)
-    state = _read_state_or_fail(config, script, settings, goal=goal)
-    _log_state(state)
-    return _judge(state, report, script, settings, goal)
+    session_options.wait_and_apply(settings, url)
+    state = states.read_or_fail(config, script, settings, goal=goal)
+    states.log(state)
+    return states.judge(state, report, script, settings, goal)
 
 
 def wait(settings: Settings, report: Report) -> int:
@@ -288,7 +207,7 @@ def wait(settings: Settings, report: Report) -> int:
     def attempt() -> int:
         try:
             with database.tagged():
-                state = _read_state(config, script, settings, goal=goal)
+                state = states.read(config, script, settings, goal=goal)
         except Exception as e:
             if isinstance(e, credentials.Unavailable):  # no password this time: a token service briefly down
                 raise _NotUpYet(str(e)) from None
@@ -301,8 +220,8 @@ def wait(settings: Settings, report: Report) -> int:
             raise envpy.failure(e) from None
         if (state.kind, state.current) != last_logged[0]:
             last_logged[0] = (state.kind, state.current)
-            _log_state(state)
-        return _judge(state, report, script, settings, goal)
+            states.log(state)
+        return states.judge(state, report, script, settings, goal)
 
     retrying = tenacity.Retrying(
         stop=tenacity.stop_after_delay(settings.wait_timeout),
@@ -329,15 +248,15 @@ def plan(settings: Settings, report: Report, sql: bool = False) -> int:
     """Say what `upgrade` would do from the database's current state; with sql, print the SQL. Changes nothing."""
     url, config, script = _scripts(settings)
     goal = _goal(settings, script, report)
-    _connect(settings, url)
-    state = _read_state_or_fail(config, script, settings, goal=goal)
-    _log_state(state)
+    session_options.wait_and_apply(settings, url)
+    state = states.read_or_fail(config, script, settings, goal=goal)
+    states.log(state)
     report.from_revision = report.to_revision = state.current
     if state.kind == "ahead":
-        _let_ahead_through(settings, state, script)
+        states.let_ahead_through(settings, state, script)
         report.outcome = "planned"
-        report.message = (f"plan: the database is ahead of the scripts at {_names(state.current)} (heads "
-                          f"{_names(script.get_heads())}): upgrade would change nothing")
+        report.message = (f"plan: the database is ahead of the scripts at {names(state.current)} (heads "
+                          f"{names(script.get_heads())}): upgrade would change nothing")
         return EXIT_OK
     start = state.current
     baseline = None
@@ -345,7 +264,7 @@ def plan(settings: Settings, report: Report, sql: bool = False) -> int:
         baseline = revisions.refuse_legacy(state, settings.baseline_revision, script)
         logger.info("would %s on the legacy database (%s, no version table)",
                     f"stamp baseline {baseline}" if baseline else "upgrade from base",
-                    _count(len(state.tables), "table"), extra={"baseline": baseline or "base"})
+                    count(len(state.tables), "table"), extra={"baseline": baseline or "base"})
         start = (baseline,) if baseline else ()
     pending = revisions.pending_revisions(script, start, goal)
     for revision in pending:
@@ -354,12 +273,12 @@ def plan(settings: Settings, report: Report, sql: bool = False) -> int:
     report.pending = [revision.revision for revision in pending]
     report.to_revision = goal.revisions
     report.outcome = "planned"
-    report.message = (f"plan: {_names(state.current)} -> {_names(goal.revisions)}"
+    report.message = (f"plan: {names(state.current)} -> {names(goal.revisions)}"
                       f"{'' if goal.is_heads else f' (target {goal.name})'}"
                       f"{f' (stamping baseline {baseline} first)' if baseline else ''}, "
-                      f"{_count(len(pending), 'revision')} would be applied")
+                      f"{count(len(pending), 'revision')} would be applied")
     if sql:
-        _print_sql(config, script, start, baseline, goal)
+        offline_sql.print_upgrade(config, script, start, baseline, goal)
     return EXIT_OK
 
 
@@ -367,7 +286,7 @@ def verify(settings: Settings, report: Report) -> int:
     """Exit 0 if the database is at the scripts' heads, matches env.py's target_metadata as `alembic check`
     compares them, and has no invalid index; 10 listing the differences; 9 or 8 as `check`."""
     url, config, script = _scripts(settings)
-    _connect(settings, url)
+    session_options.wait_and_apply(settings, url)
     found = drift.Drift()
 
     def compare(context, state: revisions.State) -> None:
@@ -378,13 +297,13 @@ def verify(settings: Settings, report: Report) -> int:
             found.has_metadata = context.opts.get("target_metadata") is not None
 
     # The models describe the heads, whatever MIGRATE_TARGET says: an expanded database is not what they model.
-    state = _read_state_or_fail(config, script, settings, also=compare)
-    _log_state(state)
+    state = states.read_or_fail(config, script, settings, also=compare)
+    states.log(state)
     if not found.has_metadata:
         raise ConfigError("verify: env.py gives context.configure() no target_metadata (it is None), so there are "
                           "no models to compare the database with; pass the models' MetaData, as `alembic check` "
                           "needs")
-    code = _judge(state, report, script, settings)  # 9 pending (or legacy), 8 ahead: raised
+    code = states.judge(state, report, script, settings)  # 9 pending (or legacy), 8 ahead: raised
     if state.kind == "ahead":  # let through by MIGRATE_ALLOW_AHEAD: these models are older than the schema
         report.message += "; schema not compared (the models of this image are older than the database)"
         return code
@@ -401,11 +320,11 @@ def verify(settings: Settings, report: Report) -> int:
             logger.warning("history: %s", finding, extra={"difference": finding})
         problems += edited
     if problems:
-        raise SchemaDrift(f"at heads {_names(state.current)}, but the database differs from env.py's "
-                          f"target_metadata or has invalid indexes ({_count(len(problems), 'finding')}): "
+        raise SchemaDrift(f"at heads {names(state.current)}, but the database differs from env.py's "
+                          f"target_metadata or has invalid indexes ({count(len(problems), 'finding')}): "
                           + "; ".join(problems))
     report.outcome = "verified"
-    report.message = (f"verified: at heads {_names(state.current)}; the schema matches env.py's target_metadata "
+    report.message = (f"verified: at heads {names(state.current)}; the schema matches env.py's target_metadata "
                       f"and no index is invalid")
     return EXIT_OK
 
@@ -420,7 +339,7 @@ def heads(settings: Settings, report: Report) -> int:
     report.to_revision = found
     if len(found) == 1:
         report.outcome = "single head"
-        report.message = f"single head: {_names(found)}"
+        report.message = f"single head: {names(found)}"
     else:
         report.outcome = "one head per branch"
         report.message = f"{len(found)} heads, one per branch: {_heads(script, found)}"
@@ -434,12 +353,12 @@ def lint(settings: Settings, report: Report, start: str | None = None) -> int:
     if start is None:
         url, config, script = _scripts(settings)
         goal = _goal(settings, script, report)
-        _connect(settings, url)
-        state = _read_state_or_fail(config, script, settings, goal=goal)  # what `upgrade` would apply
-        _log_state(state)
+        session_options.wait_and_apply(settings, url)
+        state = states.read_or_fail(config, script, settings, goal=goal)  # what `upgrade` would apply
+        states.log(state)
         report.from_revision = state.current
         if state.kind == "ahead":
-            _let_ahead_through(settings, state, script)
+            states.let_ahead_through(settings, state, script)
             targets = []
         elif state.kind == "legacy":  # what `upgrade` would apply: refused (6), from base, or from the baseline
             stamp = revisions.refuse_legacy(state, settings.baseline_revision, script)
@@ -461,14 +380,14 @@ def lint(settings: Settings, report: Report, start: str | None = None) -> int:
                        extra={"revision": item.revision})
     for finding in found:
         logger.warning("%s", finding, extra={"revision": finding.revision, "rule": finding.rule, "line": finding.line})
-    unlinted = (f"; {_count(len(failed), 'revision')} not linted (cannot be rendered offline): "
+    unlinted = (f"; {count(len(failed), 'revision')} not linted (cannot be rendered offline): "
                 f"{', '.join(item.revision for item in failed)}") if failed else ""
     if found:
         where = sorted({finding.revision for finding in found}, key=report.pending.index)
-        raise LintFindings(f"{_count(len(found), 'finding')} in {', '.join(where)} "
+        raise LintFindings(f"{count(len(found), 'finding')} in {', '.join(where)} "
                            f"({', '.join(sorted({finding.rule for finding in found}))}){unlinted}")
     report.outcome = "linted"
-    report.message = f"lint: {_count(len(targets), 'revision')}, no findings{unlinted}"
+    report.message = f"lint: {count(len(targets), 'revision')}, no findings{unlinted}"
     return EXIT_OK
 
 
@@ -483,13 +402,13 @@ def _offline_scripts(settings: Settings) -> tuple[Config, ScriptDirectory]:
 def history(settings: Settings, report: Report, limit: int = 20) -> int:
     """Print the newest `limit` runs the history table holds for this project's version table."""
     url, config, script = _scripts(settings)
-    _connect(settings, url)
-    state = _read_state_or_fail(config, script, settings)
+    session_options.wait_and_apply(settings, url)
+    state = states.read_or_fail(config, script, settings)
     report.from_revision = report.to_revision = state.current
     # JSON lines whenever the log is JSON: MIGRATE_LOG_FORMAT unset means json off a terminal.
     shown = history_.show(url, settings.history_schema, state, limit, log.chosen_format() == "json")
     report.outcome = "history"
-    report.message = (f"history: {_count(shown, 'run')} of {state.schema}.{state.table} shown" if shown else
+    report.message = (f"history: {count(shown, 'run')} of {state.schema}.{state.table} shown" if shown else
                       f"history: no run of {state.schema}.{state.table} recorded in "
                       f"{settings.history_schema}.{history_.TABLE} (MIGRATE_HISTORY is off, or no run changed it)")
     return EXIT_OK
@@ -499,7 +418,7 @@ def roundtrip(settings: Settings, report: Report, start: str | None = None) -> i
     """In a scratch database, prove that each revision above `start` downgrades to what it upgraded from and
     upgrades again alike; exit 12 naming those that do not."""
     url, config, script = _scripts(settings)
-    _connect(settings, url)
+    session_options.wait_and_apply(settings, url)
     scratch = settings.scratch_url()
     if scratch is not None:
         log.add_url_secrets(scratch)
@@ -513,8 +432,13 @@ COMMANDS = {"upgrade": upgrade, "check": check, "wait": wait, "plan": plan, "ver
 
 
 def _history(settings: Settings, url: URL, report: Report):
-    """This run's history recorder (MIGRATE_HISTORY), the table created if need be; None when off."""
-    return history_.begin(settings.history, settings.history_schema, url, report.command, settings.image)
+    """This run's history recorder (MIGRATE_HISTORY), the table created if need be; None when off. Its run's row
+    gets the outcome and exit code as the runner exits (cli calls report.on_exit)."""
+    recorder = history_.begin(settings.history, settings.history_schema, url, report.command, settings.image)
+    if recorder is not None:
+        report.on_exit.append(
+            lambda code: history_.finish(report.outcome, code, report.from_revision, report.to_revision))
+    return recorder
 
 
 # -- shared steps -----------------------------------------------------------------------
@@ -529,7 +453,7 @@ def _url(settings: Settings) -> URL:
     given = settings.url()
     credentials.configure(settings, given)
     # application_name from the first login on; the other options wait for the server's version.
-    _session_options(settings, None)
+    session_options.apply(settings, None)
     # env.py gets the URL as given, as it would from alembic.ini; the runner's own sessions add
     # keepalives and timeouts, which other drivers than libpq's would not accept.
     return sessions.runner_url(given)
@@ -560,7 +484,7 @@ def _aim(goal: target.Target) -> str:
 def _heads(script: ScriptDirectory, heads: tuple[str, ...]) -> str:
     """The heads as the log names them: `e2 (expand), c2 (contract)` when they head labelled branches."""
     if len(heads) <= 1:
-        return _names(heads)
+        return names(heads)
     labels = revisions.branch_labels(script, heads)
     return ", ".join(revisions.describe_head(labels, head) for head in heads)
 
@@ -570,137 +494,3 @@ def _config(settings: Settings, given: URL) -> Config:
     log.add_url_secrets(given)
     return revisions.load_config(settings.alembic_config, given, section=settings.alembic_section,
                                  x_args=settings.x_arguments())
-
-
-def _connect(settings: Settings, url: URL) -> None:
-    """Wait for the database, then set the session options every later connection carries."""
-    if _options_after_login(settings, wait_for_database(url, settings.wait_timeout)):
-        _probe_session_options(url)
-
-
-def _options_after_login(settings: Settings, server_version: int) -> int | None:
-    """Set the session options once the server's version is known; returns client_connection_check_interval
-    in ms, None before PostgreSQL 14, which lacks it."""
-    check_interval = int(settings.connection_check_interval * 1000) or None if server_version >= 140000 else None
-    _session_options(settings, check_interval)
-    return check_interval
-
-
-def _probe_session_options(url: URL) -> None:
-    # Commands without the lock: their first connection carrying the options is this one.
-    try:
-        with sessions.connect(url):
-            pass
-    except psycopg.Error as e:
-        raise connection_error(url, e) from None
-
-
-def _session_options(settings: Settings, check_interval: int | None, **timeouts: int | None) -> None:
-    database.set_session_options(settings.application_name, client_connection_check_interval=check_interval,
-                                 **timeouts)
-
-
-def _judge(state: revisions.State, report: Report, script: ScriptDirectory, settings: Settings,
-           goal: target.Target | None = None) -> int:
-    report.from_revision = report.to_revision = state.current
-    if state.kind == "ahead":
-        _let_ahead_through(settings, state, script)
-        report.outcome = "ahead"
-        report.message = f"ahead of the scripts: at {_names(state.current)}, heads {_names(script.get_heads())}"
-        return EXIT_OK
-    if state.kind == "current":
-        report.outcome = "current"
-        report.message = (f"at heads: {_names(state.current)}" if goal is None or goal.is_heads else
-                          f"at or beyond {goal}: {_names(state.current)}")
-        return EXIT_OK
-    pending = state.pending or []
-    report.pending = [revision.revision for revision in pending]
-    report.outcome = "pending"
-    if state.kind == "legacy":
-        raise PendingRevisions(f"the database has {_count(len(state.tables), 'table')} but no version table: "
-                               f"`upgrade` needs MIGRATE_BASELINE_REVISION")
-    described = ", ".join(f"{r.revision} ({revisions.title(r.doc)})".replace(" ()", "") for r in pending)
-    aim = "" if goal is None or goal.is_heads else f" for {goal}"
-    raise PendingRevisions(f"{_count(len(pending), 'revision')} pending{aim} at {_names(state.current)}: {described}")
-
-
-def _read_state(config: Config, script: ScriptDirectory, settings: Settings, also=None,
-                goal: target.Target | None = None) -> revisions.State:
-    """The database's state as env.py sees it, judged against `goal` (default heads); the MIGRATE_ version table
-    variables, if set, must agree."""
-    return revisions.database_state(config, script, also=also, goal=goal, **_expected_version_table(settings))
-
-
-def _expected_version_table(settings: Settings) -> dict[str, str | None]:
-    """The version table variables the user set (unset: env.py alone says where the table is)."""
-    explicit = settings.model_fields_set
-    return {"version_table": settings.version_table if "version_table" in explicit else None,
-            "version_table_schema": settings.version_table_schema if "version_table_schema" in explicit else None}
-
-
-def _read_state_or_fail(config: Config, script: ScriptDirectory, settings: Settings,
-                        also=None, goal: target.Target | None = None) -> revisions.State:
-    """`_read_state` for the read-only commands, env.py's connections tagged, failures as RunnerErrors."""
-    try:
-        with database.tagged():
-            return _read_state(config, script, settings, also, goal)
-    except Exception as e:
-        raise envpy.failure(e) from None
-
-
-def _print_sql(config: Config, script: ScriptDirectory, start: tuple[str, ...], baseline: str | None,
-               goal: target.Target) -> None:
-    """alembic's offline SQL from `start` to `goal`, on stdout (logs stay on stderr)."""
-    if len(start) > 1:
-        raise ConfigError("plan --sql needs the database at one revision; it is at " + _names(start))
-    buffer = io.StringIO()
-    config.output_buffer = buffer
-    running = []
-
-    def steps(current, context):
-        # What `alembic upgrade <start>:<goal> --sql` does, noting which revision is being rendered.
-        revisions_ = target.upgrade_steps(script, goal, current)
-        for step in revisions_:
-            step.migration_fn = _noting(step.migration_fn, step.revision, running)
-        return revisions_
-
-    try:
-        if baseline:
-            with envpy.no_exit():
-                alembic_command.stamp(config, baseline, sql=True)
-        envpy.run(config, script, steps, as_sql=True, starting_rev=start[0] if start else None,
-                  destination_rev=goal.name)
-    except Exception as e:
-        where = f"revision {running[-1].revision} ({revisions.title(running[-1].doc)})" if running else "env.py"
-        raise ConfigError(f"plan --sql: {where} cannot be rendered offline (it needs a live database?): "
-                          f"{type(e).__name__}: {first_line(e)}") from None
-    sys.__stdout__.write(buffer.getvalue())
-    sys.__stdout__.flush()
-
-
-def _noting(migration_fn, revision, running: list):
-    @functools.wraps(migration_fn)
-    def noted(**kwargs):
-        running.append(revision)
-        return migration_fn(**kwargs)
-
-    return noted
-
-
-def _log_state(state: revisions.State) -> None:
-    detail = f" at {_names(state.current)}" if state.current else ""
-    if state.kind == "legacy":
-        detail = f" ({_count(len(state.tables), 'table')}, no version table)"
-    logger.info("database is %s%s", state.kind, detail, extra={"state": state.kind, "current": list(state.current)})
-
-
-def _count(n: int, noun: str) -> str:
-    return f"{n} {noun}{'' if n == 1 else 's'}"
-
-
-def _names(revisions_: tuple[str, ...] | list[str]) -> str:
-    return ", ".join(revisions_) or "base"
-
-
-def _ms(seconds: float | None) -> int | None:
-    return None if seconds is None else max(1, int(seconds * 1000))

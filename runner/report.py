@@ -8,6 +8,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from . import log
 
@@ -34,6 +35,9 @@ class Report:
     lock_wait: float | None = None
     started: float = field(default_factory=time.monotonic)
     targets: list[dict] | None = None  # a fleet's: one summary per target (fleet.py)
+    # Called with the exit code as the runner exits, before the sidecars stop: a command registers what must
+    # outlive it here (the history row's outcome), so that cli need not import that command's modules.
+    on_exit: list[Callable[[int], None]] = field(default_factory=list, repr=False, compare=False)
 
     def summary(self, exit_code: int) -> dict:
         return {
