@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from sqlalchemy.engine import make_url
+from sqlalchemy.engine import URL, make_url
 
 from . import commands, log, telemetry
 from .errors import EXIT_OK, ConfigError, Interrupted, TargetsFailed
@@ -67,12 +67,17 @@ class Target:
         return env
 
     def span_attributes(self) -> dict:
-        """The attributes of its span in the fleet's trace: never the user or the password."""
+        """The attributes of its span in the fleet's trace: never the user or the password (nor the query)."""
         url = make_url(self.url)
-        attributes = {"db.system.name": "postgresql", f"{telemetry.PREFIX}fleet.target": self.label,
-                      f"{telemetry.PREFIX}fleet.position": self.position}
+        shown = URL.create(url.drivername, host=url.host, port=url.port, database=url.database).render_as_string()
+        attributes = {"db.system.name": "postgresql", f"{telemetry.PREFIX}fleet.position": self.position,
+                      f"{telemetry.PREFIX}fleet.target": log.redact(" ".join([shown, *self.x_args]))}
         if url.database:
             attributes["db.namespace"] = url.database
+        if url.host:
+            attributes["server.address"] = url.host
+        if url.port:
+            attributes["server.port"] = url.port
         if self.x_args:
             attributes[f"{telemetry.PREFIX}fleet.x_args"] = list(self.x_args)
         return attributes
