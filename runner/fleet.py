@@ -22,9 +22,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from sqlalchemy.engine import make_url
+from sqlalchemy.engine import URL, make_url
 
-from . import commands, log
+from . import commands, log, telemetry
 from .errors import EXIT_OK, ConfigError, Interrupted, TargetsFailed
 from .report import Report
 from .settings import Settings, parse_url
@@ -52,14 +52,39 @@ class Target:
     x_args: tuple[str, ...]
     label: str  # the URL with its password masked, and the -x items
 
-    def environment(self, settings: Settings, workdir: Path) -> dict[str, str]:
+    def environment(self, settings: Settings, workdir: Path, trace: dict[str, str] | None = None) -> dict[str, str]:
+        """The child's variables; `trace` (telemetry.propagation) replaces the TRACEPARENT and TRACESTATE it
+        would inherit, so that its run is a span of the fleet's trace."""
         env = {name: value for name, value in os.environ.items() if name not in _PARENT_ONLY}
+        if trace:
+            env.pop("TRACESTATE", None)  # the fleet's, if it has one, comes with its TRACEPARENT
+            env.update(trace)
         env.update(DATABASE_URL=self.url, MIGRATE_TERMINATION_LOG=str(self.summary_path(workdir)),
                    ALEMBIC_SECTION=settings.alembic_section)
         x_args = [*settings.x_arguments(), *self.x_args]
         if x_args:
             env["ALEMBIC_X_ARGS"] = " ".join(x_args)
         return env
+
+    def span_attributes(self) -> dict:
+        """The attributes of its span in the fleet's trace: never the user or the password (nor the query)."""
+        url = make_url(self.url)
+        shown = URL.create(url.drivername, host=url.host, port=url.port, database=url.database).render_as_string()
+        attributes = {"db.system.name": "postgresql", f"{telemetry.PREFIX}fleet.position": self.position,
+                      f"{telemetry.PREFIX}fleet.target": log.redact(" ".join([shown, *self.x_args]))}
+        if url.database:
+            attributes["db.namespace"] = url.database
+        if url.host:
+            attributes["server.address"] = url.host
+        if url.port:
+            attributes["server.port"] = url.port
+        if self.x_args:
+            attributes[f"{telemetry.PREFIX}fleet.x_args"] = list(self.x_args)
+        return attributes
+
+    def span_name(self) -> str:
+        """`target <database>` (and its -x items, which tell tenants of one database apart)."""
+        return log.redact(" ".join(["target", make_url(self.url).database or f"line {self.line}", *self.x_args]))
 
     def summary_path(self, workdir: Path) -> Path:
         return workdir / f"{self.position}.json"
@@ -188,36 +213,58 @@ def _run_batch(batch: list[Target], settings: Settings, command: str, workdir: P
                record) -> None:
     """Migrate `batch`, MIGRATE_FLEET_CONCURRENCY at a time; on a signal start none, forward it, and wait."""
     queue = list(batch)
-    running: dict[Target, tuple[subprocess.Popen, float]] = {}
+    running: dict[Target, tuple[subprocess.Popen, float, object]] = {}  # and its span (None: telemetry off)
     forwarded_at = None
-    while queue or running:
-        while queue and not stop and len(running) < settings.fleet_concurrency:
-            target = queue.pop(0)
-            running[target] = (_start(target, settings, command, workdir), time.monotonic())
-        for target, (process, started) in list(running.items()):
-            if process.poll() is not None:
-                del running[target]
-                record(target, _finish(target, process, time.monotonic() - started, workdir))
-        if stop:
-            queue.clear()
-            if forwarded_at is None:
-                forwarded_at = time.monotonic()
-                for process, _ in running.values():
-                    _signal(process, stop[0])
-                if running:
-                    logger.warning("%s: stopping %d targets in flight (each rolls back and releases its lock)",
-                                   signal.Signals(stop[0]).name, len(running))
-            elif time.monotonic() - forwarded_at > FORWARD_GRACE:
-                for process, _ in running.values():
-                    _signal(process, signal.SIGKILL)
-        if running:
-            time.sleep(_POLL)
+    try:
+        while queue or running:
+            while queue and not stop and len(running) < settings.fleet_concurrency:
+                target = queue.pop(0)
+                span = telemetry.open_span(target.span_name(), target.span_attributes()) \
+                    if telemetry.recording() else None
+                try:
+                    process = _start(target, settings, command, workdir, telemetry.propagation(span))
+                except BaseException as e:
+                    telemetry.close_span(span, error=(type(e).__name__, str(e)))
+                    raise
+                running[target] = (process, time.monotonic(), span)
+            for target, (process, started, span) in list(running.items()):
+                if process.poll() is not None:
+                    del running[target]
+                    row = _finish(target, process, time.monotonic() - started, workdir)
+                    record(target, row)
+                    _close(span, row)
+            if stop:
+                queue.clear()
+                if forwarded_at is None:
+                    forwarded_at = time.monotonic()
+                    for process, _, _ in running.values():
+                        _signal(process, stop[0])
+                    if running:
+                        logger.warning("%s: stopping %d targets in flight (each rolls back and releases its lock)",
+                                       signal.Signals(stop[0]).name, len(running))
+                elif time.monotonic() - forwarded_at > FORWARD_GRACE:
+                    for process, _, _ in running.values():
+                        _signal(process, signal.SIGKILL)
+            if running:
+                time.sleep(_POLL)
+    finally:
+        for _, _, span in running.values():  # only when the loop itself failed: ended, if not waited for
+            telemetry.close_span(span, error=("abandoned", "the fleet stopped waiting for this target"))
 
 
-def _start(target: Target, settings: Settings, command: str, workdir: Path) -> subprocess.Popen:
+def _close(span, row: dict) -> None:
+    """End a target's span with its outcome; an error exactly when its runner exited non-zero."""
+    attributes = {f"{telemetry.PREFIX}exit_code": row["exit_code"], f"{telemetry.PREFIX}outcome": row["outcome"]}
+    failed = row["exit_code"] != EXIT_OK
+    telemetry.close_span(span, attributes, (row["outcome"], row.get("message") or row["outcome"]) if failed else None)
+
+
+def _start(target: Target, settings: Settings, command: str, workdir: Path,
+           trace: dict[str, str] | None = None) -> subprocess.Popen:
     with open(target.output_path(workdir), "wb") as output:
         # Its own session: a terminal's Ctrl-C reaches the children through this process, once.
-        return subprocess.Popen([sys.executable, "-m", "runner", command], env=target.environment(settings, workdir),
+        return subprocess.Popen([sys.executable, "-m", "runner", command],
+                                env=target.environment(settings, workdir, trace),
                                 stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT,
                                 start_new_session=True)
 

@@ -224,6 +224,38 @@ def mark(name: str, attributes: dict) -> None:
         pass
 
 
+def open_span(name: str, attributes: dict | None = None):
+    """A child of the current span that stays open, without becoming current, until `close_span`: one of
+    several at once (a fleet's targets in flight). None when off."""
+    if _run is None:
+        return None
+    return _run.tracer.start_span(name, attributes={**_run.database, **_clean(attributes or {})})
+
+
+def close_span(span, attributes: dict | None = None, error: tuple[str, str] | None = None) -> None:
+    """End a span of `open_span` with more attributes; `error` (type, message) makes it an error."""
+    if span is None:
+        return
+    span.set_attributes(_clean(attributes or {}))
+    if error is not None:
+        _error(span, *error)
+    span.end()
+
+
+def propagation(span=None) -> dict[str, str]:
+    """TRACEPARENT (and TRACESTATE, if any) naming `span`, else the current span, for a child process's
+    environment (OpenTelemetry's environment-variable carrier, which `start` reads): the child's root span is
+    then its child, in this trace. {} when this run exports no traces: the child's environment stays as it is."""
+    if _run is None or _run.span_exporter is None:
+        return {}
+    from opentelemetry import trace
+    from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+    carrier: dict[str, str] = {}
+    TraceContextTextMapPropagator().inject(carrier, context=None if span is None else trace.set_span_in_context(span))
+    return {key.upper(): value for key, value in carrier.items() if key in ("traceparent", "tracestate")}
+
+
 def recording() -> bool:
     """Whether this run traces (OTEL_ configured): without, `revision` is a no-op its caller may skip."""
     return _run is not None

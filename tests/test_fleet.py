@@ -333,6 +333,27 @@ def test_termination_log_of_many_targets_fits_failed_first():
     assert json.loads(_fit(small)) == small
 
 
+def test_a_childs_trace_context_is_the_fleets_when_tracing_else_the_callers(monkeypatch, tmp_path):
+    from types import SimpleNamespace
+
+    from runner import telemetry
+    from runner.fleet import Target
+
+    settings = SimpleNamespace(alembic_section="alembic", x_arguments=lambda: [])
+    target = Target(0, 1, "postgresql://u:pw@h/db", (), "postgresql://u:***@h/db")
+    caller = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+    monkeypatch.setenv("TRACEPARENT", caller)
+    monkeypatch.setenv("TRACESTATE", "vendor=x")
+    # Telemetry off (no endpoint in this process): nothing to propagate, the caller's context passes through.
+    assert telemetry.propagation() == {} and telemetry.open_span("target db") is None
+    env = target.environment(settings, tmp_path, telemetry.propagation())
+    assert (env["TRACEPARENT"], env["TRACESTATE"]) == (caller, "vendor=x")
+    # On: the fleet's span replaces both, its TRACESTATE only if it has one.
+    ours = "00-4bf92f3577b34da6a3ce929d0e0e4736-1111111111111111-01"
+    env = target.environment(settings, tmp_path, {"TRACEPARENT": ours})
+    assert env["TRACEPARENT"] == ours and "TRACESTATE" not in env
+
+
 def test_fleet_settings_are_documented_variables():
     fields = Settings.model_fields
     assert fields["fleet_concurrency"].default == 4 and fields["fleet_canary"].default == 0

@@ -89,6 +89,7 @@ class Receiver:
                     for span in scope.spans:
                         found.append({"name": span.name, "id": span.span_id.hex(),
                                       "parent": span.parent_span_id.hex(), "trace": span.trace_id.hex(),
+                                      "state": span.trace_state,
                                       "error": span.status.code == ERROR, "status": span.status.message,
                                       "attributes": _attributes(span.attributes),
                                       "resource": _attributes(resource.resource.attributes)})
@@ -393,6 +394,60 @@ def test_check_is_traced_and_an_error_exactly_when_it_exits_non_zero(database_ur
     assert roots[0]["attributes"]["error.type"] == "PendingRevisions" and "error.type" not in roots[1]["attributes"]
     states = [s["attributes"]["migration.state"] for s in receiver.spans() if s["name"] == "read state"]
     assert states == ["fresh", "current"]
+
+
+# -- a fleet: one trace, a span per target over its runner's root ---------------------------------------
+def test_a_fleet_is_one_trace_with_a_span_per_target_over_its_runners_root(postgres, tmp_path, receiver):
+    from .test_fleet import databases, failing_at_2, fleet_env, targets_file
+
+    trace_id, parent_id = "0af7651916cd43dd8448eb211c80319c", "b7ad6b7169203331"
+    ini = make_project(tmp_path / "p", chain(3))
+    urls = databases(postgres, 3)
+    failing_at_2(urls[1])  # its r0002 fails: exit 7
+    names = [url.rsplit("/", 1)[1] for url in urls]
+    result = run_runner(fleet_env(ini, targets_file(tmp_path / "urls", urls), MIGRATE_FLEET_CONCURRENCY="2",
+                                  OTEL_EXPORTER_OTLP_ENDPOINT=receiver.endpoint, MIGRATE_OTEL_FLUSH_TIMEOUT="10",
+                                  OTEL_EXPORTER_OTLP_HEADERS=f"authorization=Bearer%20{TOKEN}",
+                                  TRACEPARENT=f"00-{trace_id}-{parent_id}-01", TRACESTATE="vendor=x"), timeout=300)
+    assert result.returncode == 7, result
+    assert_summary_last(result)
+    spans = receiver.spans()
+    assert spans, (result, receiver.raw)
+    # One trace, the CI job's: the fleet's root under its span, every other span under the fleet's root.
+    assert {span["trace"] for span in spans} == {trace_id}
+    [fleet] = [span for span in spans if span["parent"] == parent_id]
+    assert fleet["name"] == "migration-runner upgrade"
+    assert len(descendants(spans, fleet)) == len(spans) - 1
+    assert fleet["error"] and fleet["attributes"]["error.type"] == "TargetsFailed"
+    assert fleet["attributes"]["migration.exit_code"] == 7
+    # A span per target in the fleet process, each the parent of exactly one runner's root.
+    targets = [span for span in spans if span["parent"] == fleet["id"]]
+    assert sorted(span["name"] for span in targets) == sorted(f"target {name}" for name in names)
+    by_database = {span["attributes"]["db.namespace"]: span for span in targets}
+    for position, name in enumerate(names):
+        target = by_database[name]
+        assert target["attributes"]["migration.fleet.position"] == position
+        label = target["attributes"]["migration.fleet.target"]
+        assert label == f"postgresql://127.0.0.1:{postgres.port}/{name}", label  # not the user, nor the password
+        assert target["attributes"]["server.port"] == postgres.port
+        [root] = [span for span in spans if span["parent"] == target["id"]]
+        assert root["name"] == "migration-runner upgrade" and root["attributes"]["db.namespace"] == name
+        assert root["state"] == "vendor=x"  # the caller's TRACESTATE, carried with the fleet's TRACEPARENT
+        assert {span["name"] for span in descendants(spans, root)} >= {"acquire lock", "read state"}
+        code = 7 if position == 1 else 0
+        for span in (target, root):
+            assert span["attributes"]["migration.exit_code"] == code, span
+            assert span["error"] == (code != 0), span
+        if code:
+            assert target["attributes"]["migration.outcome"] == "RevisionFailed"
+            assert target["attributes"]["error.type"] == "RevisionFailed" and "r0002" in target["status"]
+            failed = [span for span in descendants(spans, root) if span["error"]]
+            assert [span["name"] for span in failed] == ["alembic upgrade r0002"]
+        else:
+            assert target["attributes"]["migration.outcome"] == "upgraded" and not target["status"]
+            assert "error.type" not in target["attributes"]
+            assert_consistent(urls[position], ["r0003"])
+    assert_no_secret(receiver, result)
 
 
 # -- a collector that is not there, refuses, or hangs ------------------------------------------------
