@@ -256,9 +256,13 @@ class Watchdog:
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
-            busy = dict(self.in_flight)
-            # Once a second when idle; at every tick while a statement runs, to see lock waits.
-            if not busy and time.monotonic() - self._last_check < 1.0:
+            now = time.monotonic()
+            # A statement sent since the last tick is left alone: most take milliseconds, and a migration of
+            # many quick ones would otherwise be watched (two queries) at every tick. One worth watching
+            # (waiting on a lock, or its reply lost) is still in flight at the next tick.
+            busy = {pid: sent for pid, sent in dict(self.in_flight).items() if now - sent >= self.interval}
+            # Once a second otherwise; at every tick while a statement runs long, to see lock waits.
+            if not busy and now - self._last_check < 1.0:
                 continue
             self._last_check = time.monotonic()
             try:
