@@ -159,6 +159,7 @@ def main() -> None:
                         "(default docs/, or nowhere with --quick)")
     args = parser.parse_args()
     repeat = args.repeat or (1 if args.quick else 5)
+    full_pairs = 1 if args.quick else 2 * repeat + 1
     concurrent = 10 if args.quick else 50
     output = args.output or (None if args.quick else ROOT / "docs")
 
@@ -181,17 +182,17 @@ def main() -> None:
             run("runner", projects[n], url)
             samples = {"runner": [], "alembic": []}
             # A no-op costs a fraction of a second: more runs for a steadier median.
-            for _ in range(NO_OP_RUNS * repeat):
-                for tool in ("runner", "alembic"):
+            for i in range(NO_OP_RUNS * repeat):
+                for tool in order(i):
                     samples[tool].append(run(tool, projects[n], url if tool == "runner" else alembic_url(url)))
             rows.append((f"no-op, {n} revisions", n, "no-op", samples["runner"], samples["alembic"]))
             print(f"  measured {rows[-1][0]}", file=sys.stderr)
 
-        # Full upgrade from an empty database.
+        # Full upgrade from an empty database: more pairs, as a run's time drifts with the machine's.
         for n in SIZES:
             samples = {"runner": [], "alembic": []}
-            for _ in range(repeat):
-                for tool in ("runner", "alembic"):
+            for i in range(full_pairs):
+                for tool in order(i):
                     url = fresh()
                     samples[tool].append(run(tool, projects[n], url if tool == "runner" else alembic_url(url)))
             rows.append((f"full upgrade, {n} revisions", n, "full", samples["runner"], samples["alembic"]))
@@ -201,8 +202,8 @@ def main() -> None:
         # many bare alembic processes at once on the same database: alembic needs no lock to do nothing.
         for n in SIZES:
             samples = {"runner": [], "alembic": []}
-            for _ in range(max(1, min(repeat, CONCURRENT_REPEAT))):
-                for tool in ("runner", "alembic"):
+            for i in range(max(1, min(repeat, CONCURRENT_REPEAT))):
+                for tool in order(i):
                     url = at_heads[n] if tool == "runner" else alembic_url(at_heads[n])
                     samples[tool].append(run_many(tool, projects[n], url, concurrent))
             rows.append((f"{concurrent} runners at once at the heads, {n} revisions", n, "many", samples["runner"],
@@ -238,8 +239,19 @@ def main() -> None:
         shutil.rmtree(work, ignore_errors=True)
 
 
+def order(i: int) -> tuple[str, str]:
+    """Which tool runs first in the i-th pair: each in turn, so that neither always follows the other."""
+    return ("runner", "alembic") if i % 2 == 0 else ("alembic", "runner")
+
+
 def med(runs: list[Run], attr: str = "seconds") -> float:
     return statistics.median(getattr(r, attr) for r in runs)
+
+
+def paired(runner: list[Run], alembic: list[Run], attr: str = "seconds") -> float:
+    """The median of runner / alembic over the pairs measured side by side: the machine's speed drifts by a
+    third over minutes here, and a pair shares the moment it ran in where two medians do not."""
+    return statistics.median(getattr(r, attr) / getattr(a, attr) for r, a in zip(runner, alembic))
 
 
 def render(rows, logins, concurrent, repeat) -> str:
@@ -249,7 +261,8 @@ def render(rows, logins, concurrent, repeat) -> str:
     for label, _, kind, runner, alembic in rows:
         r, a = med(runner), med(alembic)
         processes = len(runner) * (concurrent if kind == "many" else 1)
-        lines.append(f"| {label} | {r:.3f} | {a:.3f} | {r / a:.2f} | {med(runner, 'cpu') / med(alembic, 'cpu'):.2f} | "
+        lines.append(f"| {label} | {r:.3f} | {a:.3f} | {paired(runner, alembic):.2f} | "
+                     f"{paired(runner, alembic, 'cpu'):.2f} | "
                      f"{med(runner, 'maxrss_kib') / 1024:.0f} | {med(alembic, 'maxrss_kib') / 1024:.0f} | "
                      f"{sum(run.fast for run in runner)} of {processes} |")
     lines.append("")
@@ -259,8 +272,11 @@ def render(rows, logins, concurrent, repeat) -> str:
         lines.append(f"| {case} | {logins['runner'][index]:g} | {logins['alembic'][index]:g} |")
     lines.append("")
     runs = max(1, min(repeat, CONCURRENT_REPEAT))
-    lines.append(f"Medians of {repeat} run(s) each, {NO_OP_RUNS * repeat} for the no-op cases, {runs} for the "
-                 f"{concurrent}-at-once ones (wall time until the last of them exits; CPU time summed over them).")
+    full = next((len(row[3]) for row in rows if row[2] == "full"), 0)
+    lines.append(f"Times are medians of {NO_OP_RUNS * repeat} runs of each tool for the no-op cases, {full} for the "
+                 f"full upgrades, {runs} for the {concurrent}-at-once ones (wall time until the last of them exits; "
+                 f"CPU time summed over them). Ratios are the medians of the ratios of the pairs, each pair one "
+                 f"run of each tool side by side, in turn first.")
     return "\n".join(lines)
 
 
@@ -314,9 +330,11 @@ Generated by `python bench/bench.py` ({time.strftime('%Y-%m-%d')}). Re-run it to
 - Projects: the `alembic init` generic template; revision *i* creates table `r_i`. For bare alembic the
   URL is passed with `alembic -x url=...` (a three-line addition to env.py); the runner sets it itself.
 - Each measurement is one process, from spawn to exit (wall time, `time.perf_counter`), with its CPU
-  time (user + system) and peak resident memory from `wait4`. Runner and alembic alternate, {repeat}
-  times each ({NO_OP_RUNS * repeat} for the no-op cases); medians. CPU time is the steadier of the two
-  ratios on a busy machine: it leaves out waiting for the server and for a core.
+  time (user + system) and peak resident memory from `wait4`. Runner and alembic run in pairs, side
+  by side, each first in turn: {NO_OP_RUNS * repeat} pairs for a no-op, {2 * repeat + 1} for a full
+  upgrade. A ratio is the median of the pairs' ratios: this machine's speed drifts (the same full
+  upgrade of 1000 revisions took 2.8 s and 7 s within minutes, CPU time 1.3 s and 2.5 s), and a pair
+  shares the moment it ran in where two medians do not. CPU time leaves out waiting for the server.
 - Both tools run from compiled bytecode, as in the image (`compileall` of the runner's package and the
   projects first): with `PYTHONDONTWRITEBYTECODE` set, an editable checkout would otherwise compile the
   runner's modules in every process (about 13 ms).
@@ -336,9 +354,13 @@ Generated by `python bench/bench.py` ({time.strftime('%Y-%m-%d')}). Re-run it to
   nor SQLAlchemy (`python -X importtime -m runner --help` shows it) and runs no `env.py`, where bare
   alembic imports both, loads every revision file and builds an engine: so the ratio falls as the
   revisions grow. The floor is the interpreter, pydantic-settings (the one settings class) and psycopg.
-- A full upgrade runs `env.py` as alembic does, plus the runner's own sessions (the wait's, kept as
-  the lock's second one, and the lock's) and the lineage, written once per run; the digest hashes the
-  script files once more (a few ms for 1000 files).
+- A full upgrade runs `env.py` as alembic does, and the migration's statements cost both the same. The
+  runner adds a fixed cost: pydantic-settings' import (the largest part), two more logins (the wait's
+  session, kept as the lock's second one, and the lock's: libpq's SCRAM costs about 10 ms of CPU a
+  login), the digest of the script files (a few ms for 1000), a walk of the revisions for the lineage,
+  and a second log line a revision. It saves one: it leaves by `os._exit` once everything is closed,
+  where alembic's interpreter tears its modules down (0.15 to 0.2 s at 1000 revisions). So the two
+  are about even, and the ratio of a single run is mostly the machine's noise.
 - Many at once: each process starts Python and imports its stack, and two cores run them, so the
   ratio of the many is about that of one no-op's CPU time.
 

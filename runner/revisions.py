@@ -393,8 +393,11 @@ def applied_between(script: ScriptDirectory, before: tuple[str, ...], after: tup
     """The revisions `upgrade` applied to go from `before` to `after`, oldest first."""
     if set(before) == set(after) or not all(_known(script, revision) for revision in (*before, *after)):
         return []
+    pending = pending_revisions(script, before)
+    if set(after) == set(script.get_heads()):  # every revision lies beneath the heads: no walk from them
+        return [r.revision for r in pending]
     reached = target.at_or_below(script, after)
-    return [r.revision for r in pending_revisions(script, before) if r.revision in reached]
+    return [r.revision for r in pending if r.revision in reached]
 
 
 def reverted_between(script: ScriptDirectory, before: tuple[str, ...], after: tuple[str, ...]) -> list[str]:

@@ -11,8 +11,15 @@ from urllib.parse import urlsplit
 from functools import cache
 from typing import TYPE_CHECKING
 
-from pydantic import Field, SecretStr, ValidationError, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+# pydantic looks its plugins up among every installed distribution's entry points as it builds its
+# first model (about 10 ms among a test environment's packages, on every run); none is meant for the
+# runner's own settings. Off while this module builds them, and restored at its end: a project's models
+# still get theirs, the lookup being cached only once it has run.
+_PLUGINS_SETTING = os.environ.get("PYDANTIC_DISABLE_PLUGINS")
+os.environ["PYDANTIC_DISABLE_PLUGINS"] = "__all__"
+
+from pydantic import Field, SecretStr, ValidationError, field_validator  # noqa: E402
+from pydantic_settings import BaseSettings, SettingsConfigDict  # noqa: E402
 
 from . import database
 from .errors import ConfigError
@@ -409,3 +416,9 @@ def variables() -> list[tuple[str, str, str]]:
         default = "" if field.default is None else str(field.default)
         rows.append((field.alias, default, field.description or ""))
     return rows
+
+
+if _PLUGINS_SETTING is None:
+    del os.environ["PYDANTIC_DISABLE_PLUGINS"]
+else:
+    os.environ["PYDANTIC_DISABLE_PLUGINS"] = _PLUGINS_SETTING

@@ -1,3 +1,6 @@
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -103,3 +106,23 @@ def test_an_ipv6_address_in_a_multi_host_list_is_a_config_error_not_a_crash():
     with pytest.raises(ConfigError, match="IPv6") as caught:
         parse_url("postgresql://u:secret-pw@/d?host=[::1]:5432&host=[::2]:5433")
     assert "secret-pw" not in str(caught.value)
+
+
+@pytest.mark.parametrize("given", [None, "logfire"])
+def test_pydantic_plugins_are_left_for_the_projects_models(given):
+    # The runner builds its settings without looking pydantic's plugins up (a scan of every installed
+    # distribution), and leaves PYDANTIC_DISABLE_PLUGINS as it was: the project's first model looks them up.
+    code = """if True:
+        import os, runner.settings
+        import pydantic.plugin._loader as loader
+        print(os.environ.get("PYDANTIC_DISABLE_PLUGINS"), loader._plugins)
+        from pydantic import BaseModel
+        class Project(BaseModel):
+            name: str
+        print(loader._plugins is not None or os.environ.get("PYDANTIC_DISABLE_PLUGINS") is not None)
+    """
+    env = {k: v for k, v in os.environ.items() if k != "PYDANTIC_DISABLE_PLUGINS"}
+    if given:
+        env["PYDANTIC_DISABLE_PLUGINS"] = given
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.split("\n")[:2] == [f"{given} None", "True"], out
