@@ -99,6 +99,18 @@ class Result:
         return f"Result(rc={self.returncode}, output={self.output[-3000:]!r})"
 
 
+def summary(result: Result) -> dict:
+    """The runner's last output line, which must be its JSON summary."""
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert lines, result
+    try:
+        last = json.loads(lines[-1])
+    except ValueError:
+        raise AssertionError(f"the last line is not JSON: {lines[-1]!r}\n{result!r}") from None
+    assert isinstance(last, dict) and {"command", "outcome", "exit_code", "applied"} <= set(last), result
+    return last
+
+
 def run_runner(env: dict, *args: str, timeout: float = 120, cwd: Path | None = None) -> Result:
     proc = subprocess.run([RUNNER, *args], env=env, capture_output=True, text=True, timeout=timeout, cwd=cwd)
     return Result(proc.returncode, proc.stdout, proc.stderr)

@@ -15,7 +15,8 @@ import psycopg
 import pytest
 
 from . import envs
-from .conftest import RUNNER_ROLE, Result, advisory_locks, run_runner, runner_env, tables, version_rows
+from .conftest import (RUNNER_ROLE, Result, advisory_locks, run_runner, runner_env, summary, tables,
+                       version_rows)
 from .fidelity import Twins, version_table_rows
 from .projects import Rev, add_revisions, chain, make_project, write_env
 
@@ -51,16 +52,6 @@ def committed(url: str) -> list[str]:
     return revisions(int(heads[0][1:])) if heads else []
 
 
-def summary(result: Result) -> dict:
-    """The runner's last output line, which must be its JSON summary."""
-    lines = [line for line in result.output.splitlines() if line.strip()]
-    assert lines, result
-    try:
-        last = json.loads(lines[-1])
-    except ValueError:
-        raise AssertionError(f"the last line is not JSON: {lines[-1]!r}\n{result!r}") from None
-    assert {"command", "outcome", "exit_code", "applied"} <= set(last), result
-    return last
 
 
 def assert_runner_honest(twins: Twins, result: Result) -> None:

@@ -47,7 +47,7 @@ from urllib.parse import quote
 import pytest
 
 from .apps import App, AppVenv, app_venv
-from .conftest import RUNNER_PASSWORD, Result, advisory_locks
+from .conftest import RUNNER_PASSWORD, Result, advisory_locks, summary
 from .fidelity import Twins, schema_dump, version_table_rows
 from .test_real_projects import not_json
 
@@ -55,18 +55,6 @@ pytestmark = pytest.mark.real_apps
 
 
 # -- helpers ----------------------------------------------------------------------------------
-def summary(result: Result) -> dict:
-    """The runner's last output line, which must be its JSON summary."""
-    lines = [line for line in result.output.splitlines() if line.strip()]
-    assert lines, result
-    try:
-        found = json.loads(lines[-1])
-    except ValueError:
-        raise AssertionError(f"the last line is not JSON: {lines[-1]!r}\n{result!r}") from None
-    assert isinstance(found, dict) and "exit_code" in found, found
-    return found
-
-
 def assert_clean(result: Result, password: str = RUNNER_PASSWORD) -> None:
     """Only JSON lines, the summary last, and the role's password nowhere (raw or URL-quoted)."""
     assert not_json(result) == [], not_json(result)[:10]

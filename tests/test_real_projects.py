@@ -29,7 +29,7 @@ import psycopg
 import pytest
 from pgserver._commands import POSTGRES_BIN_PATH
 
-from .conftest import Result, advisory_locks, run_runner, runner_env
+from .conftest import Result, advisory_locks, run_runner, runner_env, summary
 from .fidelity import Twins, run_alembic, schema_dump, sqlalchemy_url, version_table_rows
 from .postgres import SUPERUSER, SUPERUSER_PASSWORD
 
@@ -76,14 +76,6 @@ def data_dump(twins: Twins, database: str) -> str:
                      if line.strip() and not line.startswith(("--", "\\restrict", "\\unrestrict")))
 
 
-def summary(result: Result) -> dict:
-    """The runner's last output line, which must be its JSON summary."""
-    lines = [line for line in result.output.splitlines() if line.strip()]
-    assert lines, result
-    try:
-        return json.loads(lines[-1])
-    except ValueError:
-        raise AssertionError(f"the last line is not JSON: {lines[-1]!r}\n{result!r}") from None
 
 
 def assert_same(twins: Twins) -> None:
