@@ -70,14 +70,8 @@ class Target:
         """The attributes of its span in the fleet's trace: never the user or the password (nor the query)."""
         url = make_url(self.url)
         shown = URL.create(url.drivername, host=url.host, port=url.port, database=url.database).render_as_string()
-        attributes = {"db.system.name": "postgresql", f"{telemetry.PREFIX}fleet.position": self.position,
+        attributes = {**telemetry.database_attributes(url), f"{telemetry.PREFIX}fleet.position": self.position,
                       f"{telemetry.PREFIX}fleet.target": log.redact(" ".join([shown, *self.x_args]))}
-        if url.database:
-            attributes["db.namespace"] = url.database
-        if url.host:
-            attributes["server.address"] = url.host
-        if url.port:
-            attributes["server.port"] = url.port
         if self.x_args:
             attributes[f"{telemetry.PREFIX}fleet.x_args"] = list(self.x_args)
         return attributes

@@ -264,7 +264,7 @@ class Watchdog:
             # Once a second otherwise; at every tick while a statement runs long, to see lock waits.
             if not busy and now - self._last_check < 1.0:
                 continue
-            self._last_check = time.monotonic()
+            self._last_check = now
             try:
                 held = self.lock.held(self.grace)
             except Exception as e:

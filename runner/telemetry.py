@@ -154,6 +154,12 @@ def database(url) -> dict:
     every later span."""
     if _run is None or url is None:
         return {}
+    _run.database = database_attributes(url)
+    return _run.database
+
+
+def database_attributes(url) -> dict:
+    """The semantic conventions' attributes of the database `url` names: never its user or password."""
     attributes = {"db.system.name": "postgresql"}
     if url.database:
         attributes["db.namespace"] = url.database
@@ -164,7 +170,6 @@ def database(url) -> dict:
         attributes["server.address"] = host
     if url.port:
         attributes["server.port"] = url.port
-    _run.database = attributes
     return attributes
 
 
