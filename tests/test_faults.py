@@ -296,9 +296,12 @@ def test_fifty_runners_on_a_fresh_database_with_200_revisions(postgres, tmp_path
         assert advisory_locks(postgres, name) == []
     # Waiters hold one connection each and poll: no flood. A runner holds two at most: the lock's and the
     # migration's, or, as it starts, the lock's and the spare that tells a transaction pooler (closed before
-    # it waits). While the winner migrated with waiters connected, at some moment the winner alone held two.
+    # it waits). While the winner migrated with waiters connected, at some moment the winner and at most a few
+    # runners still starting held two (under CI's load, one more was always starting: 2); the waiters, one each.
+    # A spare kept while waiting gives about forty.
     assert monitor.peak_per_client <= 2, monitor.peak_per_client
-    assert monitor.fewest_doubled == 1, (monitor.fewest_doubled, monitor.samples)
+    assert monitor.fewest_doubled is not None and monitor.fewest_doubled <= 5, (monitor.fewest_doubled,
+                                                                                 monitor.samples)
     # Spares overlapping as fifty interpreters start on two cores; a spare held while waiting would give ~100.
     assert monitor.peak_connections <= 50 + 15, monitor.peak_connections
     record_property("single_runner_seconds", round(single, 2))
