@@ -31,7 +31,7 @@ from sqlalchemy import event, pool
 from sqlalchemy.engine import URL
 
 from . import database, envpy, guard, revisions, sessions, telemetry
-from .errors import ConfigError, DatabaseUnreachable, LegacyDatabase, LockTimeout, RunnerError
+from .errors import ConfigError, DatabaseUnreachable, Interrupted, LegacyDatabase, LockTimeout, RunnerError
 from .lock import Lock, key_for, lock_ids
 
 logger = logging.getLogger("runner.baseline")
@@ -234,18 +234,36 @@ def scratch_database(url: URL, given: URL, lock: Lock, scratch: URL | None, lock
     _drop(url, name, purpose)
 
 
+# DROP DATABASE ... WITH (FORCE) signals the sessions on it, then waits 5 s for them to go; a session
+# severed in the middle of a statement on a loaded server may take longer. Tried this often.
+_DROP_ATTEMPTS = 3
+
+
 def _drop(url: URL, name: str, purpose: str = "MIGRATE_VERIFY_BASELINE") -> None:
     # FORCE (PostgreSQL 13+) ends the sessions a killed env.py may have left on it.
     _admin(url, f'DROP DATABASE IF EXISTS "{name}"', "drop the scratch database", force=" WITH (FORCE)",
-           purpose=purpose)
+           purpose=purpose, attempts=_DROP_ATTEMPTS)
 
 
 def _quietly(cleanup: Callable[[], None]) -> None:
-    """A cleanup on the way out of a failure: its own failure is logged, the first one is what is reported."""
-    try:
-        cleanup()
-    except Exception as e:
-        logger.warning("MIGRATE_VERIFY_BASELINE: the scratch database was not cleaned up: %s", e)
+    """A cleanup on the way out of a failure: its own failure is logged, the first one is what is reported.
+
+    A SIGTERM or SIGINT that arrives meanwhile (the first one may be what is being cleaned up after,
+    its handler run late: psycopg2 runs Python code while it reports the severed session) does not
+    leave the scratch database behind: the cleanup, which can be repeated, runs again to its end,
+    then the interruption is raised."""
+    interruption: Interrupted | None = None
+    for _ in range(2):
+        try:
+            cleanup()
+        except Interrupted as e:
+            interruption = interruption or e
+            continue
+        except Exception as e:
+            logger.warning("MIGRATE_VERIFY_BASELINE: the scratch database was not cleaned up: %s", e)
+        break
+    if interruption is not None:
+        raise interruption
 
 
 def _take(holder: psycopg.Connection, lock: Lock, lock_timeout: float) -> None:
@@ -277,13 +295,21 @@ def _empty(holder: psycopg.Connection) -> None:
         holder.execute("CREATE SCHEMA public")
 
 
-def _admin(url: URL, statement: str, doing: str, force: str = "", purpose: str = "MIGRATE_VERIFY_BASELINE") -> None:
-    """A statement that cannot run in a transaction, on a connection of its own; `force` added from 13 on."""
+def _admin(url: URL, statement: str, doing: str, force: str = "", purpose: str = "MIGRATE_VERIFY_BASELINE",
+           attempts: int = 1) -> None:
+    """A statement that cannot run in a transaction, on a connection of its own; `force` added from 13 on,
+    tried up to `attempts` times while the database is in use by other sessions (SQLSTATE 55006)."""
     try:
         with sessions.connect(url) as connection:  # autocommit: CREATE/DROP DATABASE refuse a transaction
             if force and sessions.server_version(connection) >= 130000:
                 statement += force
-            connection.execute(statement)
+            for attempt in range(1, attempts + 1):
+                try:
+                    connection.execute(statement)
+                    return
+                except psycopg.errors.ObjectInUse:
+                    if attempt == attempts:
+                        raise
     except psycopg.Error as e:
         raise _failure(e, doing, purpose) from None
 

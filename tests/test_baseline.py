@@ -8,11 +8,17 @@ database may outlive a run, however it ends.
 
 from __future__ import annotations
 
+import os
 import signal
 import time
 
 import psycopg
 import pytest
+from sqlalchemy.engine import make_url
+
+from runner import baseline
+from runner.cli import _raise_interrupted
+from runner.errors import Interrupted
 
 from .conftest import (RUNNER_PASSWORD, RUNNER_ROLE, advisory_locks, finish, run_runner, runner_env, start_runner,
                        version_rows)
@@ -239,3 +245,29 @@ def test_no_verification_without_a_legacy_database(postgres, database_url, ini):
     assert result.returncode == 0, result
     assert "scratch" not in result.output
     assert scratch_databases(postgres) == []
+
+
+def test_a_signal_as_the_scratch_database_is_dropped_does_not_leave_it(postgres, database, database_url, monkeypatch):
+    # The interruption being cleaned up after may be handled late (psycopg2 runs Python code while it
+    # reports a severed session), or a second SIGTERM arrive: either way the drop it cuts short is redone.
+    url = make_url(database_url.replace("postgresql://", "postgresql+psycopg://", 1))
+    lock = baseline.Lock(key=42, connection=None, pid=0, waited=0.0)
+    admin, dropping = baseline._admin, []
+
+    def signalled_as_it_drops(url, statement, *args, **kwargs):
+        if statement.startswith("DROP"):
+            dropping.append(statement)
+            if len(dropping) == 2:  # the drop after the build, not the leftover's before it
+                os.kill(os.getpid(), signal.SIGTERM)  # the runner's handler raises at the next bytecode
+        return admin(url, statement, *args, **kwargs)
+
+    monkeypatch.setattr(baseline, "_admin", signalled_as_it_drops)
+    previous = signal.signal(signal.SIGTERM, _raise_interrupted)
+    try:
+        with pytest.raises(Interrupted):
+            with baseline.scratch_database(url, url, lock, None, 5.0) as (runner_scratch, _):
+                assert scratch_databases(postgres) == [runner_scratch.database]
+                raise Interrupted(signal.SIGTERM)  # as the build's handler raises it
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert len(dropping) == 3 and scratch_databases(postgres) == []

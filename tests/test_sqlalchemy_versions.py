@@ -120,4 +120,4 @@ def test_sigterm_while_psycopg2_builds_the_baseline_stops_at_once(tmp_path, post
     finally:
         proc.kill()
     assert result.returncode == 143 and time.monotonic() - signalled < 20, result
-    assert scratch_databases(postgres) == [] and version_rows(database_url) == []
+    assert scratch_databases(postgres) == [] and version_rows(database_url) == [], result.stdout[-3000:]
