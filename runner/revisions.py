@@ -377,16 +377,22 @@ def version_rows(session: psycopg.Connection, *, version_table: str, schema: str
 @contextmanager
 def quietly(*names: str) -> Iterator[None]:
     """The loggers `names` held to WARNING inside the `with`: by default MigrationContext's, which announces
-    its dialect (and each revision it runs) at INFO, noise for a read."""
+    its dialect (and each revision it runs) at INFO, noise for a read or a scratch build.
+
+    By a filter, not a level: env.py's fileConfig (or dictConfig) sets every existing child of the loggers
+    it configures back to NOTSET, and would make them chatty again halfway through."""
     chatty = [logging.getLogger(name) for name in names or ("alembic.runtime.migration",)]
-    levels = [logger.level for logger in chatty]
     for logger in chatty:
-        logger.setLevel(logging.WARNING)
+        logger.addFilter(_below_warning)
     try:
         yield
     finally:
-        for logger, level in zip(chatty, levels):
-            logger.setLevel(level)
+        for logger in chatty:
+            logger.removeFilter(_below_warning)
+
+
+def _below_warning(record: logging.LogRecord) -> bool:
+    return record.levelno >= logging.WARNING
 
 
 def applied_between(script: ScriptDirectory, before: tuple[str, ...], after: tuple[str, ...]) -> list[str]:

@@ -75,6 +75,8 @@ def test_matching_baseline_is_stamped_then_upgraded(postgres, database, database
     assert result.returncode == 0, result
     assert result.last["applied"] == ["b0003"]
     assert "baseline b0002 matches the legacy schema" in result.output
+    # The scratch build's revisions are not announced as if they ran here, env.py's fileConfig notwithstanding.
+    assert "Running upgrade b0002 -> b0003" in result.output and "-> b0001" not in result.output, result.output
     assert version_rows(database_url) == ["b0003"]
     assert scratch_databases(postgres) == []
     assert RUNNER_PASSWORD not in result.output
