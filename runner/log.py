@@ -26,8 +26,9 @@ import logging.config
 import re
 import sys
 import threading
-from contextlib import contextmanager
 import time
+from contextlib import contextmanager
+from typing import Iterator
 from urllib.parse import quote, quote_plus
 
 logger = logging.getLogger("runner")
@@ -258,6 +259,24 @@ def summary(level: int, fields: dict) -> None:
         record = logger.makeRecord(logger.name, level, __file__, 0, "%s %s", (message, json.dumps(rest)), None)
     # handle(), not log(): the last line is written whatever MIGRATE_LOG_LEVEL filters.
     logger.handle(record)
+
+
+@contextmanager
+def hushed(*names: str) -> Iterator[None]:
+    """Inside the `with`, the loggers `names` and their children write only warnings and worse.
+
+    At our handler, not by the loggers' levels: the project's fileConfig or dictConfig, run by env.py
+    meanwhile, sets every existing logger under the ones it configures back to NOTSET."""
+    prefixes = tuple(name + "." for name in names)
+
+    def loud_enough(record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING or not (record.name in names or record.name.startswith(prefixes))
+
+    _handler.addFilter(loud_enough)
+    try:
+        yield
+    finally:
+        _handler.removeFilter(loud_enough)
 
 
 @contextmanager

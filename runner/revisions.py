@@ -20,7 +20,7 @@ from psycopg import sql
 from sqlalchemy import MetaData, Table, text
 from sqlalchemy.engine import URL, Connection
 
-from . import envpy, lineage, target, telemetry
+from . import envpy, lineage, log, target, telemetry
 from .errors import ConfigError, DatabaseAhead, LegacyDatabase, MultipleHeads
 
 logger = logging.getLogger("runner")
@@ -376,23 +376,11 @@ def version_rows(session: psycopg.Connection, *, version_table: str, schema: str
 
 @contextmanager
 def quietly(*names: str) -> Iterator[None]:
-    """The loggers `names` held to WARNING inside the `with`: by default MigrationContext's, which announces
-    its dialect (and each revision it runs) at INFO, noise for a read or a scratch build.
-
-    By a filter, not a level: env.py's fileConfig (or dictConfig) sets every existing child of the loggers
-    it configures back to NOTSET, and would make them chatty again halfway through."""
-    chatty = [logging.getLogger(name) for name in names or ("alembic.runtime.migration",)]
-    for logger in chatty:
-        logger.addFilter(_below_warning)
-    try:
+    """The loggers `names` and their children held to WARNING inside the `with`: by default
+    MigrationContext's, which announces its dialect (and each revision it runs) at INFO, noise for a read
+    or a scratch build. Held at the runner's handler (log.hushed), which env.py's fileConfig cannot reset."""
+    with log.hushed(*(names or ("alembic.runtime.migration",))):
         yield
-    finally:
-        for logger in chatty:
-            logger.removeFilter(_below_warning)
-
-
-def _below_warning(record: logging.LogRecord) -> bool:
-    return record.levelno >= logging.WARNING
 
 
 def applied_between(script: ScriptDirectory, before: tuple[str, ...], after: tuple[str, ...]) -> list[str]:
