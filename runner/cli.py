@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import atexit
 import functools
 import logging
 import os
@@ -13,7 +12,7 @@ from pathlib import Path
 
 # Light imports only: alembic, SQLAlchemy and Flask load when a command needs them (`_full_path`), not for
 # --help, --version or a no-op that fastpath proves without them.
-from . import fastpath, log, sidecars, stack_versions, telemetry
+from . import fastpath, log, sidecars, stack_versions, startup, telemetry
 from .errors import EXIT_BUG, ConfigError, Interrupted, RunnerError, markdown_table
 from .report import Report, emit
 from .settings import Settings, quit_urls_from_env, variables
@@ -125,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
         log.setup(settings.log_format, settings.log_level)
         _warn_unknown_variables()
         if settings.database_urls_file is not None:  # a fleet: each target in a runner process of its own
-            with log.unheard_imports():
+            with log.unheard_imports(), startup.importing():
                 from . import fleet
             code = fleet.run(settings, report, name)
         else:
@@ -163,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _full_path(name: str, args: argparse.Namespace, settings: Settings, report: Report) -> int:
     """Run the command through alembic (and FLASK_APP's application), the heavy modules imported now."""
-    with log.unheard_imports():
+    with log.unheard_imports(), startup.importing():
         from . import flaskapp, guard
         from .commands import COMMANDS
     guard.cancel_on_signals()
@@ -204,18 +203,3 @@ def _from_options(settings: Settings, args: argparse.Namespace) -> dict:
         update["alembic_section"] = args.name
     return update
 
-
-def run() -> None:
-    code = main()
-    # Tearing the interpreter down (finalising the modules of SQLAlchemy, alembic,
-    # pydantic) takes ~0.15 s and does nothing a finished run needs: every
-    # connection is closed and the lock released by now. Run the exit handlers,
-    # flush, and leave.
-    atexit._run_exitfuncs()
-    logging.shutdown()
-    for stream in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):
-        try:
-            stream.flush()
-        except (OSError, ValueError):
-            pass
-    os._exit(code)

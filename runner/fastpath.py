@@ -35,7 +35,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from urllib.parse import parse_qsl
 
-from . import credentials, database
+from . import credentials, database, startup
 from .errors import EXIT_OK
 from .lineage import PREFIX
 from .report import Report
@@ -101,7 +101,8 @@ def _answer(settings, command: str, report: Report) -> str | None:
         return "a URL form the fast path does not read"
     credentials.configure(settings, SimpleNamespace(**params["url"]), engines=False)
     database.set_session_options(settings.application_name)
-    import psycopg  # here: --help and --version do without it
+    with startup.importing():
+        import psycopg  # here: --help and --version do without it
 
     explicit = settings.model_fields_set
     session = psycopg.connect(autocommit=True, **credentials.fill(params["libpq"]))
@@ -289,7 +290,8 @@ def connect_params(settings) -> dict | None:
         libpq["user"] = user
     if password:
         libpq["password"] = password
-    from .sessions import LIBPQ_DEFAULTS
+    with startup.importing():
+        from .sessions import LIBPQ_DEFAULTS
 
     for name, value in LIBPQ_DEFAULTS.items():
         libpq.setdefault(name, value)
