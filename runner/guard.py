@@ -132,7 +132,12 @@ def interruptible(connections: list) -> Iterator[None]:
     try:
         yield
     finally:
-        _interruptible.remove(connections)
+        # By identity, not list.remove's equality: two lists still empty are equal, and a nested one's
+        # exit must not take the outer one off.
+        for index, registered in enumerate(_interruptible):
+            if registered is connections:
+                del _interruptible[index]
+                break
 
 
 def cancel_on_signals() -> None:

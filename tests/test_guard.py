@@ -133,3 +133,16 @@ def test_a_connection_joining_after_the_lock_is_lost_is_a_lost_lock_not_a_wrong_
         with pytest.raises(DatabaseUnreachable, match="lost before a migration connection joined"):
             with guarded_by(lock, interval=3600):
                 run_on(database_url, "psycopg2", lambda c: c.execute(text("SELECT 1")))
+
+
+def test_a_nested_interruptible_leaves_the_outer_connections_registered():
+    from runner import guard
+
+    outer, inner = [], []  # equal while both are empty: list.remove would take the outer one off
+    with guard.interruptible(outer):
+        with guard.interruptible(inner):
+            assert guard._interruptible[-2:] == [outer, inner]
+        assert len(guard._interruptible) >= 1 and guard._interruptible[-1] is outer
+        outer.append("a connection made after the inner block ended")
+        assert any(registered is outer for registered in guard._interruptible)
+    assert not any(registered is outer or registered is inner for registered in guard._interruptible)
