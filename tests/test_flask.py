@@ -287,7 +287,7 @@ def test_database_url_naming_another_database_exits_2_naming_both(postgres, flas
 # -- what a new user gets wrong ---------------------------------------------------------------------
 def test_without_flask_installed_exits_2_naming_what_to_install(flask_project, database_url):
     # `flask` cannot be imported (None in sys.modules makes every import of it fail), as where it is not installed.
-    code = "import sys; sys.modules['flask'] = None; from runner.cli import run; run()"
+    code = "import sys; sys.modules['flask'] = None; from runner.startup import run; run()"
     proc = subprocess.run([sys.executable, "-c", code], env=app_env(database_url), cwd=flask_project.root,
                           capture_output=True, text=True, timeout=60)
     result = Result(proc.returncode, proc.stdout, proc.stderr)

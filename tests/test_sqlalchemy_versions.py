@@ -85,7 +85,7 @@ if dialect is not None:
     for name in ("PGDialect_psycopg", "PGDialectAsync_psycopg"):
         setattr(getattr(dialect, name), "__init__", refuse)
 
-from runner.cli import run
+from runner.startup import run
 
 sys.argv = ["migration-runner", *sys.argv[1:]]
 run()
