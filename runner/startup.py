@@ -3,10 +3,10 @@
 A run imports pydantic, alembic, SQLAlchemy and psycopg: some 140,000 objects
 that live as long as the process. Left to the collector, they are traversed
 again and again as they are created, and once more by every full collection
-after them (at 200 revisions about 60 ms of a 0.6 s upgrade, more than a
-tenth of that in one pass). So the process imports them with the collector
-paused and then freezes them (`gc.freeze`): later collections skip them and
-see only what is created afterwards. The project's code (env.py, its
+after them (bare alembic spends about 60 ms of a 200-revision upgrade in the
+collector, the runner so about 7 ms). So the process imports them with the
+collector paused and then freezes them (`gc.freeze`): later collections skip
+them and see only what is created afterwards. The project's code (env.py, its
 revisions, its application) runs with the collector on, at Python's
 thresholds, as under alembic's CLI. Only the console script's own process
 does this, never an interpreter the runner is imported into (a test's).
