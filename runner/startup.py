@@ -4,7 +4,7 @@ A run imports pydantic, alembic, SQLAlchemy and psycopg: some 140,000 objects
 that live as long as the process. Left to the collector, they are traversed
 again and again as they are created, and once more by every full collection
 after them (bare alembic spends about 60 ms of a 200-revision upgrade in the
-collector, the runner so about 7 ms). So the process imports them with the
+collector, the runner importing this way about 7 ms). So the process imports them with the
 collector paused and then freezes them (`gc.freeze`): later collections skip
 them and see only what is created afterwards. The project's code (env.py, its
 revisions, its application) runs with the collector on, at Python's
