@@ -296,7 +296,8 @@ def test_a_proven_baseline_and_its_stamp_are_spans(database_url, tmp_path, recei
         legacy.execute("CREATE TABLE users (id serial PRIMARY KEY)")
     result = run_runner(otel_env(database_url, ini, receiver.endpoint, MIGRATE_BASELINE_REVISION="b0001",
                                  MIGRATE_VERIFY_BASELINE="true"))
-    assert result.returncode == 0, result
+    # The output whole, as text: a fresh-clone CI run once saw exit 2 here, its message cut off in the report.
+    assert result.returncode == 0, result.output[-3000:]
     spans = receiver.spans()
     root = by_name(spans)["migration-runner upgrade"]
     assert by_name(spans)["prove baseline"]["attributes"]["migration.revision"] == "b0001"
